@@ -1,0 +1,408 @@
+"""Typed, validated training configuration.
+
+A YAML file (flat keys, the lora-scripts habit) plus `key=value` overrides becomes one frozen `TrainConfig`. Every
+problem is collected and reported together: unknown keys (with the closest valid key), wrong types (naming the key,
+the value and what is expected), values out of range, settings that contradict each other, and missing files and
+folders. Nothing here loads a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+METHODS = ("ti", "lora", "ti+lora")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class ConfigError(Exception):
+    """One or more problems with a configuration, all reported at once."""
+
+    def __init__(self, errors: list[str], source: str = "config"):
+        self.errors = list(errors)
+        self.source = source
+        super().__init__(f"{source}: {len(self.errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in self.errors))
+
+
+def _field(default, doc: str, group: str, minimum: float | None = None, exclusive_minimum: bool = False):
+    metadata = {"doc": doc, "group": group, "minimum": minimum, "exclusive_minimum": exclusive_minimum}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `sdtune train` needs. Each field's `metadata["doc"]` is its one-line documentation."""
+
+    # --- what to train
+    method: Literal[METHODS] = _field(
+        "lora", "What to train: `ti` (textual inversion), `lora`, or `ti+lora` (both jointly).", "method"
+    )
+    placeholder_token: Optional[str] = _field(
+        None, "TI: the new token to learn, e.g. `<mychar>`; must not be an existing CLIP vocabulary word.", "method"
+    )
+    init_word: Optional[str] = _field(
+        None, "TI: word(s) whose embedding starts the new vectors, e.g. `woman` or `toy robot`.", "method"
+    )
+    num_vectors: Optional[int] = _field(
+        None,
+        "TI: vectors per placeholder (default 1); more vectors hold more detail but cost prompt tokens.",
+        "method",
+        1,
+    )
+    learnable_property: Literal["object", "style"] = _field(
+        "object", "TI: prompt templates used when the dataset has no captions: `object` or `style`.", "method"
+    )
+    lora_rank: Optional[int] = _field(None, "LoRA: rank of the low-rank update (kohya `network_dim`).", "method", 1)
+    lora_alpha: Optional[float] = _field(
+        None, "LoRA: alpha; the update is scaled by alpha / rank (kohya `network_alpha`).", "method", 0, True
+    )
+    # --- model
+    base_model: Optional[str] = _field(
+        None,
+        "Base model: a diffusers folder or a single-file `.safetensors` / `.ckpt` checkpoint (required).",
+        "model",
+    )
+    base_model_config: Optional[str] = _field(
+        None,
+        "Single-file checkpoints only: a diffusers folder with the model's configs, for non-standard shapes.",
+        "model",
+    )
+    # --- data
+    train_data_dir: Optional[str] = _field(None, "Folder with the training images (required).", "data")
+    metadata_path: Optional[str] = _field(
+        None, "CSV with `file_name` and caption columns; default `<train_data_dir>/metadata.csv` if present.", "data"
+    )
+    caption_column: str = _field("text", "Caption column of the metadata CSV.", "data")
+    resolution: int = _field(512, "Training resolution in pixels (square; a multiple of 8).", "data", 8)
+    center_crop: bool = _field(True, "Crop the centre of each image after resizing; false crops at random.", "data")
+    random_flip: bool = _field(
+        False, "Flip images horizontally at random (leave off for asymmetric subjects).", "data"
+    )
+    # --- optimisation
+    learning_rate: Optional[float] = _field(
+        None,
+        "Learning rate; default 5e-3 for `ti`, 1e-4 for `lora`. `2e-4` and other forms are accepted.",
+        "optim",
+        0,
+        True,
+    )
+    lr_scheduler: Literal[LR_SCHEDULERS] = _field("constant", "Learning-rate schedule after warm-up.", "optim")
+    lr_warmup_steps: int = _field(0, "Optimizer steps of linear warm-up from 0 to `learning_rate`.", "optim", 0)
+    adam_weight_decay: float = _field(1e-2, "AdamW weight decay.", "optim", 0)
+    batch_size: int = _field(1, "Images per forward pass.", "optim", 1)
+    gradient_accumulation_steps: int = _field(
+        1, "Forward passes per optimizer step; effective batch = batch_size x this.", "optim", 1
+    )
+    epochs: int = _field(10, "Passes over the dataset; ignored when `max_steps` is set.", "optim", 1)
+    max_steps: Optional[int] = _field(None, "Optimizer steps to train; overrides `epochs`.", "optim", 1)
+    seed: int = _field(42, "Seed for noise, timesteps, data order and crops; equal seeds give equal runs.", "optim")
+    dataloader_num_workers: int = _field(
+        0, "Worker processes loading images (0: in the training process).", "optim", 0
+    )
+    # --- output
+    output_dir: str = _field("output", "Folder for the trained files and logs.", "output")
+    output_name: Optional[str] = _field(
+        None, "File stem of the outputs; default: the placeholder without `<>` for TI, `lora` otherwise.", "output"
+    )
+    save_steps: Optional[int] = _field(
+        None, "Also save every N optimizer steps (`<name>-step00000100.*`).", "output", 1
+    )
+    logging_dir: Optional[str] = _field(None, "TensorBoard folder; default `<output_dir>/logs`.", "output")
+
+    @property
+    def uses_ti(self) -> bool:
+        """True when the method trains a textual-inversion embedding."""
+        return self.method in ("ti", "ti+lora")
+
+    @property
+    def uses_lora(self) -> bool:
+        """True when the method trains a LoRA."""
+        return self.method in ("lora", "ti+lora")
+
+    @property
+    def effective_learning_rate(self) -> float:
+        """`learning_rate`, or the method's default when it is not set."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 5e-3 if self.method == "ti" else 1e-4
+
+    @property
+    def effective_num_vectors(self) -> int:
+        """`num_vectors`, default 1."""
+        return self.num_vectors or 1
+
+    @property
+    def effective_output_name(self) -> str:
+        """`output_name`, or a name derived from the placeholder (TI) or the method."""
+        if self.output_name:
+            return self.output_name
+        if self.uses_ti and self.placeholder_token:
+            return re.sub(r"[^\w.-]+", "", self.placeholder_token) or "embedding"
+        return "lora"
+
+    @property
+    def effective_metadata_path(self) -> Path | None:
+        """The captions CSV in use: `metadata_path`, else `train_data_dir/metadata.csv` when it exists."""
+        if self.metadata_path:
+            return Path(self.metadata_path)
+        default = Path(self.train_data_dir) / "metadata.csv"
+        return default if default.is_file() else None
+
+    @property
+    def effective_logging_dir(self) -> Path:
+        """`logging_dir`, default `output_dir/logs`."""
+        return Path(self.logging_dir) if self.logging_dir else Path(self.output_dir) / "logs"
+
+
+# Keys from kohya sd-scripts and the diffusers example scripts, accepted as they are.
+ALIASES = {
+    "pretrained_model_name_or_path": "base_model",
+    "train_batch_size": "batch_size",
+    "max_train_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "max_train_steps": "max_steps",
+    "network_dim": "lora_rank",
+    "network_alpha": "lora_alpha",
+    "token_string": "placeholder_token",
+    "initializer_token": "init_word",
+    "num_vectors_per_token": "num_vectors",
+    "save_every_n_steps": "save_steps",
+    "lr_warmup": "lr_warmup_steps",
+}
+_REQUIRED = ("base_model", "train_data_dir")
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _expected_type(annotation) -> tuple[type, tuple | None, bool]:
+    """(base type, allowed choices or None, optional?) of a field annotation string."""
+    hint = typing.get_type_hints(TrainConfig)[annotation]
+    optional = False
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = True, args[0]
+    if typing.get_origin(hint) is Literal:
+        return str, typing.get_args(hint), optional
+    return hint, None, optional
+
+
+def _coerce(name: str, value):
+    """Converts a YAML value to the field's type, or returns an error message."""
+    base, choices, optional = _expected_type(name)
+    if value is None:
+        return (None, None) if optional else (None, f"{name}: a value is required (got null).")
+    if choices is not None:
+        if value in choices:
+            return value, None
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return None, f"{name}: {value!r} is not one of {', '.join(map(repr, choices))}{hint}"
+    if base is bool:
+        if isinstance(value, bool):
+            return value, None
+        return None, f"{name}: expected true or false, got {value!r}."
+    if base is int:
+        number = _as_number(value)
+        if number is not None and float(number).is_integer() and not isinstance(value, bool):
+            return int(number), None
+        return None, f"{name}: expected a whole number, got {value!r}."
+    if base is float:
+        number = _as_number(value)
+        if number is not None and math.isfinite(number):
+            return float(number), None
+        return None, f"{name}: expected a number (e.g. 1e-4 or 0.0001), got {value!r}."
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value), None
+    return None, f"{name}: expected text, got {value!r}."
+
+
+def _as_number(value) -> float | None:
+    # YAML 1.1 reads `2e-4` (no dot) as a string; it still means 0.0002.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _check_range(name: str, value) -> str | None:
+    spec = FIELDS[name].metadata
+    minimum = spec.get("minimum")
+    if minimum is None or value is None:
+        return None
+    if value < minimum or (spec.get("exclusive_minimum") and value == minimum):
+        relation = "greater than" if spec.get("exclusive_minimum") else "at least"
+        return f"{name}: must be {relation} {minimum:g}, got {value!r}."
+    return None
+
+
+def _canonical_keys(raw: dict, errors: list[str]) -> dict:
+    """Maps aliases to field names; unknown keys become errors with the closest valid key."""
+    resolved: dict = {}
+    candidates = list(FIELDS) + list(ALIASES)
+    for key, value in raw.items():
+        name = ALIASES.get(key, key)
+        if name not in FIELDS:
+            close = difflib.get_close_matches(str(key), candidates, n=1, cutoff=0.6)
+            hint = f" Did you mean {ALIASES.get(close[0], close[0])!r}?" if close else ""
+            errors.append(f"{key}: unknown key.{hint}")
+            continue
+        if name in resolved:
+            errors.append(f"{key}: sets {name!r}, which is already set (by {resolved[name][0]!r}); keep one.")
+            continue
+        resolved[name] = (key, value)
+    return resolved
+
+
+def parse_config(raw: dict, source: str = "config") -> TrainConfig:
+    """Builds a TrainConfig from a mapping of YAML values, checking types, ranges and cross-field rules.
+
+    Args:
+        raw: Key/value pairs as read from YAML (field names or their kohya/diffusers aliases).
+        source: What to call the config in messages (usually the file name).
+
+    Returns:
+        The validated config. Paths are not checked here; see `check_paths`.
+
+    Raises:
+        ConfigError: With every problem found.
+    """
+    errors: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError([f"expected a mapping of key: value pairs, got {type(raw).__name__}."], source)
+    values = {}
+    for name, (key, value) in _canonical_keys(raw, errors).items():
+        converted, error = _coerce(name, value)
+        error = error or _check_range(name, converted)
+        if error:
+            errors.append(error if key == name else f"{error} (given as {key!r})")
+        else:
+            values[name] = converted
+    for name in _REQUIRED:
+        if values.get(name) is None and not any(e.startswith(f"{name}:") for e in errors):
+            errors.append(f"{name}: required. {FIELDS[name].metadata['doc']}")
+    config = TrainConfig(**values)
+    errors += _cross_field_errors(config, {name for name, value in values.items() if value is not None})
+    if errors:
+        raise ConfigError(errors, source)
+    return config
+
+
+def _cross_field_errors(config: TrainConfig, given: set[str]) -> list[str]:
+    errors = []
+    if config.uses_ti:
+        for name in ("placeholder_token", "init_word"):
+            if not (getattr(config, name) or "").strip():
+                errors.append(f"{name}: required for method {config.method!r}. {FIELDS[name].metadata['doc']}")
+        if config.placeholder_token and re.search(r"\s", config.placeholder_token):
+            errors.append(
+                f"placeholder_token: {config.placeholder_token!r} contains spaces; use one word like <mychar>."
+            )
+    else:
+        for name in sorted(given & {"placeholder_token", "init_word", "num_vectors", "learnable_property"}):
+            errors.append(f"{name}: only used with method 'ti' or 'ti+lora' (method is {config.method!r}); remove it.")
+    if not config.uses_lora:
+        for name in sorted(given & {"lora_rank", "lora_alpha"}):
+            errors.append(
+                f"{name}: only used with method 'lora' or 'ti+lora' (method is {config.method!r}); remove it."
+            )
+    if config.resolution % 8:
+        errors.append(f"resolution: must be a multiple of 8 (the VAE downsamples by 8), got {config.resolution}.")
+    if config.output_name and re.search(r"[\\/:*?\"<>|]", config.output_name):
+        errors.append(f"output_name: {config.output_name!r} contains characters not allowed in file names.")
+    if "lr_warmup_steps" in given and config.lr_warmup_steps and config.lr_scheduler == "constant":
+        errors.append("lr_warmup_steps: has no effect with lr_scheduler 'constant'; use 'constant_with_warmup'.")
+    return errors
+
+
+def check_paths(config: TrainConfig) -> list[str]:
+    """Problems with the files and folders a config names (cheap: nothing is loaded)."""
+    errors = []
+    base = Path(config.base_model)
+    if not base.exists():
+        errors.append(f"base_model: {base} does not exist.")
+    elif base.is_file() and base.suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".pth"):
+        errors.append(f"base_model: {base} is not a .safetensors or .ckpt checkpoint (nor a diffusers folder).")
+    if config.base_model_config and not (Path(config.base_model_config) / "model_index.json").is_file():
+        errors.append(
+            f"base_model_config: {config.base_model_config} is not a diffusers folder (no model_index.json)."
+        )
+    data_dir = Path(config.train_data_dir)
+    if not data_dir.is_dir():
+        errors.append(f"train_data_dir: {data_dir} is not a folder.")
+    if config.metadata_path and not Path(config.metadata_path).is_file():
+        errors.append(f"metadata_path: {config.metadata_path} does not exist.")
+    if Path(config.output_dir).is_file():
+        errors.append(f"output_dir: {config.output_dir} is a file; name a folder.")
+    return errors
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`key=value` strings (values read as YAML) to a mapping.
+
+    Raises:
+        ConfigError: An override without `=`.
+    """
+    parsed, errors = {}, []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            errors.append(f"override {item!r}: expected key=value, e.g. learning_rate=1e-4.")
+            continue
+        parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    if errors:
+        raise ConfigError(errors, "command line")
+    return parsed
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Reads a YAML config, applies `key=value` overrides, and validates types, rules and paths.
+
+    Raises:
+        ConfigError: With every problem found, paths included.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path} does not exist."], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError([f"not valid YAML: {error}"], str(path)) from error
+    if isinstance(raw, dict):
+        raw.update(parse_overrides(list(overrides)))
+    config = parse_config(raw, str(path))
+    errors = check_paths(config)
+    if errors:
+        raise ConfigError(errors, str(path))
+    return config
+
+
+def config_reference() -> str:
+    """The config reference as Markdown (the table in docs/configuration.md)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(TrainConfig):
+        base, choices, optional = _expected_type(f.name)
+        kind = " \\| ".join(choices) if choices else base.__name__
+        default = "—" if f.default is None else f"`{f.default}`"
+        lines.append(f"| `{f.name}` | {kind}{' or null' if optional else ''} | {default} | {f.metadata['doc']} |")
+    aliases = ", ".join(f"`{alias}` → `{name}`" for alias, name in ALIASES.items())
+    return "\n".join(lines) + f"\n\nAccepted aliases (kohya sd-scripts / diffusers names): {aliases}.\n"
+
+
+def to_dict(config: TrainConfig) -> dict:
+    """The config as plain data (for logs and metadata)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,30 @@
+"""The denoising objective, as pure functions of tensors (DDPM, Ho et al. 2020; v-prediction, Salimans & Ho 2022)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_timesteps(batch_size: int, num_train_timesteps: int, device: torch.device) -> torch.Tensor:
+    """Timesteps drawn uniformly from `[0, num_train_timesteps)`, one per example."""
+    return torch.randint(0, num_train_timesteps, (batch_size,), device=device, dtype=torch.long)
+
+
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet should predict: the noise (`epsilon`) or the velocity `v = sqrt(a)*eps - sqrt(1-a)*x0`.
+
+    Raises:
+        ValueError: A prediction type other than `epsilon` or `v_prediction`.
+    """
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon or v_prediction).")
+
+
+def denoising_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error in float32 (the simple loss of Ho et al. 2020)."""
+    return F.mse_loss(prediction.float(), target.float(), reduction="mean")

@@ -1,0 +1,147 @@
+"""Key mapping from diffusers module paths to the original (LDM / CompVis) single-file checkpoint layout.
+
+Users mostly hold single-file checkpoints in the original layout (`model.diffusion_model.*`,
+`cond_stage_model.transformer.text_model.*`, `first_stage_model.*`). diffusers reads that layout
+(`from_single_file`) but has no writer for it, so sdtune maps the names itself when it writes a base model.
+The mapping is the inverse of diffusers' `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint`; the
+round trip through diffusers' own reader is tested.
+"""
+
+from __future__ import annotations
+
+import torch
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_ENCODER_PREFIX = "cond_stage_model.transformer.text_model."
+
+_RESNET_NAMES = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_VAE_RESNET_NAMES = {"conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _unet_block_prefixes(config: dict) -> dict[str, str]:
+    """Diffusers block prefix -> LDM block prefix, derived from the UNet config (any depth and width)."""
+    layers = config["layers_per_block"]
+    mapping = {
+        "time_embedding.linear_1.": "time_embed.0.",
+        "time_embedding.linear_2.": "time_embed.2.",
+        "conv_in.": "input_blocks.0.0.",
+        "conv_norm_out.": "out.0.",
+        "conv_out.": "out.2.",
+        "mid_block.resnets.0.": "middle_block.0.",
+        "mid_block.attentions.0.": "middle_block.1.",
+        "mid_block.resnets.1.": "middle_block.2.",
+    }
+    num_blocks = len(config["down_block_types"])
+    for i in range(num_blocks):
+        for j in range(layers):
+            ldm_index = (layers + 1) * i + j + 1
+            mapping[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{ldm_index}.0."
+            mapping[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{ldm_index}.1."
+        mapping[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{(layers + 1) * (i + 1)}.0.op."
+    for i, block_type in enumerate(config["up_block_types"]):
+        for j in range(layers + 1):
+            ldm_index = (layers + 1) * i + j
+            mapping[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{ldm_index}.0."
+            mapping[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{ldm_index}.1."
+        upsample_slot = 2 if "CrossAttn" in block_type else 1
+        mapping[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{(layers + 1) * i + layers}.{upsample_slot}."
+    return mapping
+
+
+def _rename(key: str, prefixes: dict[str, str], inner_names: dict[str, str]) -> str:
+    for diffusers_prefix, ldm_prefix in prefixes.items():
+        if key.startswith(diffusers_prefix):
+            rest = key[len(diffusers_prefix) :]
+            for diffusers_name, ldm_name in inner_names.items():
+                if rest.startswith(diffusers_name + "."):
+                    rest = ldm_name + rest[len(diffusers_name) :]
+                    break
+            return ldm_prefix + rest
+    raise KeyError(f"no original-layout name known for diffusers key {key!r}")
+
+
+def unet_to_ldm(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """Renames a diffusers `UNet2DConditionModel` state dict to `model.diffusion_model.*` keys.
+
+    Args:
+        state_dict: The UNet's `state_dict()`.
+        config: The UNet's config (block types and `layers_per_block` decide the block numbering).
+
+    Returns:
+        The same tensors under original-layout names.
+    """
+    prefixes = _unet_block_prefixes(config)
+    return {UNET_PREFIX + _rename(key, prefixes, _RESNET_NAMES): value for key, value in state_dict.items()}
+
+
+def _vae_block_prefixes(config: dict) -> dict[str, str]:
+    num_blocks = len(config["block_out_channels"])
+    layers = config["layers_per_block"]
+    mapping = {}
+    for part in ("encoder", "decoder"):
+        mapping[f"{part}.mid_block.resnets.0."] = f"{part}.mid.block_1."
+        mapping[f"{part}.mid_block.resnets.1."] = f"{part}.mid.block_2."
+        mapping[f"{part}.mid_block.attentions.0."] = f"{part}.mid.attn_1."
+        mapping[f"{part}.conv_norm_out."] = f"{part}.norm_out."
+        mapping[f"{part}.conv_in."] = f"{part}.conv_in."
+        mapping[f"{part}.conv_out."] = f"{part}.conv_out."
+    for i in range(num_blocks):
+        for j in range(layers):
+            mapping[f"encoder.down_blocks.{i}.resnets.{j}."] = f"encoder.down.{i}.block.{j}."
+        mapping[f"encoder.down_blocks.{i}.downsamplers.0."] = f"encoder.down.{i}.downsample."
+        # The decoder's up blocks are numbered from the lowest resolution in diffusers, from the highest in LDM.
+        ldm_up = num_blocks - 1 - i
+        for j in range(layers + 1):
+            mapping[f"decoder.up_blocks.{i}.resnets.{j}."] = f"decoder.up.{ldm_up}.block.{j}."
+        mapping[f"decoder.up_blocks.{i}.upsamplers.0."] = f"decoder.up.{ldm_up}.upsample."
+    mapping["quant_conv."] = "quant_conv."
+    mapping["post_quant_conv."] = "post_quant_conv."
+    return mapping
+
+
+def vae_to_ldm(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """Renames a diffusers `AutoencoderKL` state dict to `first_stage_model.*` keys.
+
+    The original VAE's mid-block attention uses 1x1 convolutions where diffusers uses Linear layers, so those
+    weights gain two trailing singleton dimensions.
+
+    Args:
+        state_dict: The VAE's `state_dict()`.
+        config: The VAE's config.
+
+    Returns:
+        The same tensors under original-layout names and shapes.
+    """
+    prefixes = _vae_block_prefixes(config)
+    converted = {}
+    for key, value in state_dict.items():
+        inner = _VAE_ATTENTION_NAMES if ".mid_block.attentions." in key else _VAE_RESNET_NAMES
+        new_key = _rename(key, prefixes, inner)
+        if ".mid.attn_1." in new_key and new_key.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]
+        converted[VAE_PREFIX + new_key] = value
+    return converted
+
+
+def text_encoder_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Renames a transformers `CLIPTextModel` state dict to `cond_stage_model.transformer.text_model.*` keys.
+
+    transformers >= 5 dropped the `text_model.` level from `CLIPTextModel`; older versions had it. Both map to the
+    same original-layout names.
+    """
+    converted = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("text_model.")
+        if key.startswith("text_projection."):
+            continue  # CLIPTextModel has none; guard against CLIPTextModelWithProjection state dicts.
+        converted[TEXT_ENCODER_PREFIX + key] = value
+    return converted

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random-weight SD1-family base models built once per test session, fully offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DATA = REPO_ROOT / "sample_data" / "star"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Every session gets its own sdtune cache, so tests never depend on what an earlier run left."""
+    os.environ["SDTUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("sdtune-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, _isolated_cache) -> dict[str, Path]:
+    """A tiny SD1-family model written as a diffusers folder and as a single-file checkpoint (same weights)."""
+    from sdtune.models import write_base_model
+
+    root = tmp_path_factory.mktemp("tiny-base")
+    folder, checkpoint = root / "tiny-sd1", root / "tiny-sd1.safetensors"
+    write_base_model(folder, checkpoint, preset="tiny", seed=0)
+    return {"folder": folder, "checkpoint": checkpoint}
+
+
+@pytest.fixture
+def ti_config_dict(tiny_base, tmp_path) -> dict:
+    """A small, valid TI config on the sample data and the tiny base (as YAML values)."""
+    return {
+        "method": "ti",
+        "base_model": str(tiny_base["checkpoint"]),
+        "train_data_dir": str(SAMPLE_DATA),
+        "placeholder_token": "<star>",
+        "init_word": "star",
+        "num_vectors": 2,
+        "resolution": 32,
+        "batch_size": 2,
+        "max_steps": 3,
+        "output_dir": str(tmp_path / "out"),
+        "seed": 7,
+    }

@@ -1,0 +1,156 @@
+"""The real `sdtune` command on tiny models: files, metadata, logs, step arithmetic, early errors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from sdtune import cli, models
+from sdtune.config import parse_config
+from sdtune.train import train
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "sdtune", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_train_command_writes_embedding_metadata_and_logs(tiny_base, tmp_path):
+    out = tmp_path / "out"
+    completed = _run(
+        "train",
+        "configs/quickstart_ti.yaml",
+        f"base_model={tiny_base['checkpoint']}",
+        f"output_dir={out}",
+        "max_steps=4",
+        "save_steps=2",
+        "resolution=32",
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert f"wrote {out / 'star-step00000002.safetensors'}" in completed.stdout
+    assert f"wrote {out / 'star.safetensors'}" in completed.stdout
+    assert re.search(r"\d+\.\d+step/s", completed.stderr), "progress bar shows it/s"
+    with safe_open(str(out / "star.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+        assert list(handle.keys()) == ["emb_params"]
+        vectors = handle.get_tensor("emb_params")
+    assert vectors.shape == (2, 32) and vectors.dtype == torch.float32
+    base = models.load_base_model(tiny_base["checkpoint"])
+    expected = {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": "stable-diffusion-v1/textual-inversion",
+        "modelspec.title": "star",
+        "modelspec.trigger_phrase": "star",
+        "modelspec.resolution": "32x32",
+        "modelspec.prediction_type": "epsilon",
+        "sdtune.kind": "textual_inversion",
+        "sdtune.model_family": "sd1",
+        "sdtune.text_encoder_width": "32",
+        "sdtune.tokenizer_fingerprint": models.tokenizer_fingerprint(base.tokenizer),
+        "sdtune.base_model_name": "tiny-sd1",
+        "sdtune.base_model_sha256": hashlib.sha256(tiny_base["checkpoint"].read_bytes()).hexdigest(),
+        "sdtune.placeholder_token": "<star>",
+        "sdtune.num_vectors": "2",
+        "sdtune.init_word": "star",
+        "sdtune.steps": "4",
+    }
+    assert {key: metadata.get(key) for key in expected} == expected
+    assert load_file(str(out / "star-step00000002.safetensors"))["emb_params"].shape == (2, 32)
+    scalars = _scalars(out / "logs")
+    assert [step for step, _ in scalars["loss"]] == [1, 2, 3, 4]
+    assert [value for _, value in scalars["lr"]] == pytest.approx([5e-3] * 4)
+    assert all(value > 0 for _, value in scalars["loss"])
+
+
+def test_gradient_accumulation_and_epochs_give_the_planned_steps(ti_config_dict, tmp_path):
+    config = parse_config({**ti_config_dict, "max_steps": None, "epochs": 2, "gradient_accumulation_steps": 2})
+    result = train(config)
+    # 8 images / batch 2 = 4 batches per epoch = 2 optimizer steps per epoch; 2 epochs = 4 steps.
+    assert result.steps == 4
+    assert [step for step, _ in _scalars(Path(config.output_dir) / "logs")["loss"]] == [1, 2, 3, 4]
+
+
+def test_same_seed_same_embedding(ti_config_dict, tmp_path):
+    first = train(parse_config({**ti_config_dict, "output_dir": str(tmp_path / "a")}))
+    second = train(parse_config({**ti_config_dict, "output_dir": str(tmp_path / "b")}))
+    other = train(parse_config({**ti_config_dict, "output_dir": str(tmp_path / "c"), "seed": 8}))
+    a, b, c = (load_file(str(r.final_path))["emb_params"] for r in (first, second, other))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_bad_input_is_reported_before_any_model_loads(ti_config_dict, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(REPO_ROOT / "sample_data" / "star", data_dir)
+    (data_dir / "star_02_yellow.png").write_bytes(b"broken")
+    path = tmp_path / "bad.yaml"
+    raw = {**ti_config_dict, "train_data_dir": str(data_dir), "placeholder_token": "cat", "init_word": "cat"}
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+
+    def _must_not_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(models, "load_base_model", _must_not_load)
+    for command in ("validate", "train"):
+        assert cli.main([command, str(path)]) == cli.EXIT_BAD_INPUT
+        message = capsys.readouterr().err
+        assert "star_02_yellow.png: not a readable image" in message
+        assert "'cat' is already a word of the CLIP vocabulary" in message
+        assert "lack placeholder_token 'cat'" in message
+
+
+def test_config_errors_exit_2_with_every_problem(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("base_modle: x\ntrain_data_dir: y\nlearning_rate: fast\n", encoding="utf-8")
+    completed = _run("validate", str(path))
+    assert completed.returncode == 2
+    assert "base_modle: unknown key. Did you mean 'base_model'?" in completed.stderr
+    assert "learning_rate: expected a number (e.g. 1e-4 or 0.0001), got 'fast'." in completed.stderr
+    assert "base_model: required." in completed.stderr
+
+
+def test_lora_method_is_refused_until_it_exists(ti_config_dict, capsys):
+    import yaml
+
+    raw = {k: v for k, v in ti_config_dict.items() if k not in ("placeholder_token", "init_word", "num_vectors")}
+    path = Path(ti_config_dict["output_dir"]).parent / "lora.yaml"
+    path.write_text(yaml.safe_dump({**raw, "method": "lora"}), encoding="utf-8")
+    assert cli.main(["train", str(path)]) == cli.EXIT_BAD_INPUT
+    assert (
+        "method: 'lora' needs LoRA training, which this version of sdtune does not have yet" in capsys.readouterr().err
+    )
+
+
+def test_readme_quickstart_command_runs_as_written(tmp_path):
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    command = re.search(r"```bash\n(pip install -e \. && sdtune make-base .+)\n```", readme).group(1)
+    command = command.replace("pip install -e . && ", "")  # the package is already installed for the tests
+    for name in ("configs", "sample_data"):
+        shutil.copytree(REPO_ROOT / name, tmp_path / name)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    assert (tmp_path / "output" / "quickstart" / "star.safetensors").is_file()
