@@ -38,13 +38,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """`sdtune validate CONFIG [key=value ...]`: every check `train` makes before loading weights."""
-    from sdtune.train import preflight
+    from sdtune.train import preflight, steps_plan
 
     config = load_config(args.config, args.overrides)
     _quiet_libraries()
     examples = preflight(config)
     captioned = sum(example.caption is not None for example in examples)
-    print(f"{args.config}: OK ({len(examples)} images, {captioned} with captions, method {config.method})")
+    per_epoch, total, epochs = steps_plan(config, len(examples))
+    print(f"{args.config}: OK")
+    print(f"  method {config.method}, base model {config.base_model}")
+    print(f"  {len(examples)} images, {captioned} with captions" + ("" if captioned else " (prompt templates)"))
+    print(
+        f"  {config.batch_size} images per batch x {config.gradient_accumulation_steps} accumulation = "
+        f"{config.batch_size * config.gradient_accumulation_steps} per optimizer step"
+    )
+    print(f"  {per_epoch} optimizer steps per epoch, {total} steps in {epochs} epoch(s)")
+    print(f"  output: {config.output_dir}/{config.effective_output_name}.safetensors")
     return 0
 
 

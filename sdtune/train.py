@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from tqdm.auto import tqdm
 from sdtune import compat, data, diffusion, export, models
 from sdtune.config import ConfigError, TrainConfig, to_dict
 from sdtune.methods import textual_inversion
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,19 +52,53 @@ def preflight(config: TrainConfig) -> list[data.Example]:
         errors.append(str(error))
     else:
         if config.uses_ti:
-            errors += textual_inversion.check_tokens(
+            token_errors = textual_inversion.check_tokens(
                 tokenizer, config.placeholder_token, config.effective_num_vectors, config.init_word
             )
+            errors += token_errors or _caption_length_problems(config, tokenizer, examples)
     if errors:
-        raise ConfigError(errors, "preflight")
+        raise ConfigError(errors, "checks before loading the model")
     return examples
 
 
-def _steps_plan(config: TrainConfig, batches_per_epoch: int) -> tuple[int, int]:
-    """(total optimizer steps, epochs to run) from `max_steps` or `epochs`."""
+def _caption_length_problems(config: TrainConfig, tokenizer, examples: list[data.Example]) -> list[str]:
+    """Captions CLIP would cut: an error where the placeholder itself is cut off, a warning otherwise.
+
+    `tokenizer` is a throwaway copy of the base tokenizer; the placeholder tokens are added to it here.
+    """
+    limit = tokenizer.model_max_length - 2  # BOS and EOS take two of the 77 positions
+    placeholder, count = config.placeholder_token, config.effective_num_vectors
+    tokenizer.add_tokens(textual_inversion.placeholder_tokens(placeholder, count))
+    last_vector_id = tokenizer.convert_tokens_to_ids(textual_inversion.placeholder_tokens(placeholder, count)[-1])
+    errors, truncated = [], []
+    for example in examples:
+        if example.caption is None:
+            continue
+        text = textual_inversion.expand_placeholder(example.caption, placeholder, count)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) <= limit:
+            continue
+        truncated.append(example.image_path.name)
+        if last_vector_id not in ids[:limit]:
+            errors.append(
+                f"{example.image_path.name}: the caption is {len(ids)} tokens and CLIP reads only {limit}; the "
+                f"placeholder {placeholder!r} falls after the cut. Move it to the front of the caption."
+            )
+    if truncated:
+        logger.warning("%d caption(s) exceed %d tokens and are cut: %s", len(truncated), limit, ", ".join(truncated))
+    return errors
+
+
+def steps_plan(config: TrainConfig, num_examples: int) -> tuple[int, int, int]:
+    """(optimizer steps per epoch, total optimizer steps, epochs to run) for a dataset of `num_examples`.
+
+    One epoch is `ceil(num_examples / batch_size)` batches; one optimizer step takes `gradient_accumulation_steps`
+    batches (the last step of an epoch may take fewer). `max_steps`, when set, overrides `epochs`.
+    """
+    batches_per_epoch = math.ceil(num_examples / config.batch_size)
     updates_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
     total = config.max_steps or config.epochs * updates_per_epoch
-    return total, math.ceil(total / updates_per_epoch)
+    return updates_per_epoch, total, math.ceil(total / updates_per_epoch)
 
 
 def _encode_prompts(tokenizer, text_encoder, captions: list[str], device: torch.device) -> torch.Tensor:
@@ -156,7 +193,7 @@ def _setup(config: TrainConfig, examples: list[data.Example]) -> _Run:
         num_workers=config.dataloader_num_workers,
         generator=torch.Generator().manual_seed(config.seed),
     )
-    total_steps, num_epochs = _steps_plan(config, len(loader))
+    _, total_steps, num_epochs = steps_plan(config, len(dataset))
     # Only the new vectors are optimised; the base embedding table never reaches the optimizer.
     optimizer = torch.optim.AdamW([vectors], lr=config.effective_learning_rate, weight_decay=config.adam_weight_decay)
     lr_schedule = get_scheduler(

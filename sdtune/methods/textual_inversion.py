@@ -100,11 +100,3 @@ def attach(tokenizer, text_encoder: nn.Module, placeholder: str, num_vectors: in
     wrapped = PlaceholderEmbedding(base_layer, first_new_id, start)
     text_encoder.set_input_embeddings(wrapped)
     return wrapped.vectors
-
-
-def trained_vectors(text_encoder: nn.Module) -> torch.Tensor:
-    """The current placeholder vectors as a detached float32 CPU tensor `[n, width]`."""
-    layer = text_encoder.get_input_embeddings()
-    if not isinstance(layer, PlaceholderEmbedding):
-        raise ValueError("the text encoder has no placeholder embedding attached.")
-    return layer.vectors.detach().float().cpu().clone()

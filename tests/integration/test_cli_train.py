@@ -154,3 +154,47 @@ def test_readme_quickstart_command_runs_as_written(tmp_path):
     completed = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
     assert (tmp_path / "output" / "quickstart" / "star.safetensors").is_file()
+
+
+def test_validate_prints_the_step_arithmetic(tiny_base):
+    completed = _run(
+        "validate",
+        "configs/quickstart_ti.yaml",
+        f"base_model={tiny_base['folder']}",
+        "batch_size=3",
+        "gradient_accumulation_steps=2",
+        "max_steps=null",
+        "epochs=3",
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "8 images, 8 with captions" in completed.stdout
+    assert "3 images per batch x 2 accumulation = 6 per optimizer step" in completed.stdout
+    assert "2 optimizer steps per epoch, 6 steps in 3 epoch(s)" in completed.stdout
+
+
+def test_steps_plan_arithmetic(ti_config_dict):
+    from sdtune.train import steps_plan
+
+    plan = parse_config({**ti_config_dict, "max_steps": None, "epochs": 5, "batch_size": 4})
+    assert steps_plan(plan, 10) == (3, 15, 5)  # ceil(10/4) = 3 batches = 3 steps per epoch
+    plan = parse_config({**ti_config_dict, "max_steps": 7, "batch_size": 4, "gradient_accumulation_steps": 2})
+    assert steps_plan(plan, 10) == (2, 7, 4)
+
+
+def test_placeholder_cut_off_by_the_77_token_limit_is_an_error(ti_config_dict, tmp_path, caplog):
+    from sdtune.config import ConfigError
+    from sdtune.train import preflight
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(REPO_ROOT / "sample_data" / "star", data_dir)
+    lines = (data_dir / "metadata.csv").read_text(encoding="utf-8").splitlines()
+    long_prefix = "very " * 80
+    lines[1] = lines[1].replace("a red <star>", f"{long_prefix}red <star>")
+    lines[2] = lines[2].replace("background", "background " + "with many details " * 30)
+    (data_dir / "metadata.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        preflight(parse_config({**ti_config_dict, "train_data_dir": str(data_dir)}))
+    assert len(caught.value.errors) == 1
+    assert "star_00_blue.png: the caption is" in caught.value.errors[0]
+    assert "the placeholder '<star>' falls after the cut" in caught.value.errors[0]
+    assert "2 caption(s) exceed 75 tokens and are cut: star_00_blue.png, star_01_green.png" in caplog.text
