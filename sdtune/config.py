@@ -62,9 +62,48 @@ class TrainConfig:
     learnable_property: Literal["object", "style"] = _field(
         "object", "TI: prompt templates used when the dataset has no captions: `object` or `style`.", "method"
     )
-    lora_rank: Optional[int] = _field(None, "LoRA: rank of the low-rank update (kohya `network_dim`).", "method", 1)
+    embedding_lr: Optional[float] = _field(
+        None,
+        "ti+lora: learning rate of the embedding vectors (default 5e-4; LoRA uses unet_lr / text_encoder_lr).",
+        "method",
+        0,
+        True,
+    )
+    embedding_train_fraction: Optional[float] = _field(
+        None,
+        "ti+lora: train the embedding for this fraction of the steps, then freeze it (default 1.0).",
+        "method",
+        0,
+        True,
+    )
+    lora_rank: Optional[int] = _field(
+        None,
+        "LoRA: rank of the update (kohya `network_dim`; default 8, or the rank in `network_weights`).",
+        "method",
+        1,
+    )
     lora_alpha: Optional[float] = _field(
-        None, "LoRA: alpha; the update is scaled by alpha / rank (kohya `network_alpha`).", "method", 0, True
+        None,
+        "LoRA: alpha; the update is scaled by alpha / rank (kohya `network_alpha`; default = rank).",
+        "method",
+        0,
+        True,
+    )
+    lora_targets: Optional[Literal["kohya", "attention"]] = _field(
+        None, "LoRA: `kohya` (all Linear/1x1 layers of the transformer blocks; default) or `attention` only.", "method"
+    )
+    conv_rank: Optional[int] = _field(
+        None, "LoRA: also adapt ResNet/down/upsampling 3x3 convs at this rank (LoCon; kohya `conv_dim`).", "method", 1
+    )
+    conv_alpha: Optional[float] = _field(
+        None, "LoRA: alpha of the LoCon convs (kohya `conv_alpha`; default = conv_rank).", "method", 0, True
+    )
+    train_unet: Optional[bool] = _field(None, "LoRA: adapt the UNet (default true).", "method")
+    train_text_encoder: Optional[bool] = _field(
+        None, "LoRA: adapt the text encoder too (default true, as kohya; false = UNet only).", "method"
+    )
+    network_weights: Optional[str] = _field(
+        None, "LoRA: continue from this kohya-format LoRA file; rank, alpha and modules come from it.", "method"
     )
     # --- model
     base_model: Optional[str] = _field(
@@ -96,6 +135,12 @@ class TrainConfig:
         0,
         True,
     )
+    unet_lr: Optional[float] = _field(
+        None, "LoRA: learning rate of the UNet LoRA (default `learning_rate`).", "optim", 0, True
+    )
+    text_encoder_lr: Optional[float] = _field(
+        None, "LoRA: learning rate of the text-encoder LoRA (default `learning_rate`).", "optim", 0, True
+    )
     lr_scheduler: Literal[LR_SCHEDULERS] = _field("constant", "Learning-rate schedule after warm-up.", "optim")
     lr_warmup_steps: int = _field(0, "Optimizer steps of linear warm-up from 0 to `learning_rate`.", "optim", 0)
     adam_weight_decay: float = _field(1e-2, "AdamW weight decay.", "optim", 0)
@@ -112,7 +157,16 @@ class TrainConfig:
     # --- output
     output_dir: str = _field("output", "Folder for the trained files and logs.", "output")
     output_name: Optional[str] = _field(
-        None, "File stem of the outputs; default: the placeholder without `<>` for TI, `lora` otherwise.", "output"
+        None,
+        "File stem: the embedding's for `ti` (default: placeholder without `<>`), the LoRA's otherwise (default: the "
+        "data folder's name for `lora`, `<placeholder>_lora` for `ti+lora`).",
+        "output",
+    )
+    save_precision: Literal["fp16", "bf16", "fp32"] = _field("fp16", "LoRA: dtype of the saved factors.", "output")
+    export_formats: tuple[Literal["kohya", "diffusers"], ...] = _field(
+        ("kohya",),
+        "LoRA: `kohya` (WebUI/ComfyUI/diffusers) and optionally `diffusers` (peft layout folder).",
+        "output",
     )
     save_steps: Optional[int] = _field(
         None, "Also save every N optimizer steps (`<name>-step00000100.*`).", "output", 1
@@ -142,13 +196,51 @@ class TrainConfig:
         return self.num_vectors or 1
 
     @property
+    def embedding_name(self) -> str:
+        """File stem of the embedding (the A1111 trigger word): `output_name` for `ti`, else the placeholder's."""
+        if self.method == "ti" and self.output_name:
+            return self.output_name
+        return re.sub(r"[^\w.-]+", "", self.placeholder_token or "") or "embedding"
+
+    @property
     def effective_output_name(self) -> str:
-        """`output_name`, or a name derived from the placeholder (TI) or the method."""
+        """File stem of the main output: the embedding for `ti`, the LoRA for `lora` / `ti+lora`."""
+        if self.method == "ti":
+            return self.embedding_name
         if self.output_name:
             return self.output_name
-        if self.uses_ti and self.placeholder_token:
-            return re.sub(r"[^\w.-]+", "", self.placeholder_token) or "embedding"
-        return "lora"
+        if self.method == "ti+lora":
+            return f"{self.embedding_name}_lora"
+        return Path(self.train_data_dir or "lora").resolve().name or "lora"
+
+    @property
+    def effective_lora_rank(self) -> int:
+        """`lora_rank`, default 8."""
+        return self.lora_rank or 8
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        """`lora_alpha`, default = the rank (scale 1)."""
+        return self.lora_alpha if self.lora_alpha is not None else float(self.effective_lora_rank)
+
+    @property
+    def conv(self) -> tuple[int, float] | None:
+        """(rank, alpha) of the LoCon convs, or None without LoCon."""
+        if self.conv_rank is None:
+            return None
+        return self.conv_rank, self.conv_alpha if self.conv_alpha is not None else float(self.conv_rank)
+
+    def group_learning_rates(self) -> dict[str, float]:
+        """Learning rate per trainable group: `unet`, `text_encoder` (LoRA) and `embedding` (TI)."""
+        rates = {
+            "unet": self.unet_lr or self.effective_learning_rate,
+            "text_encoder": self.text_encoder_lr or self.effective_learning_rate,
+        }
+        if self.method == "ti":
+            rates["embedding"] = self.effective_learning_rate
+        else:
+            rates["embedding"] = self.embedding_lr or 5e-4
+        return rates
 
     @property
     def effective_metadata_path(self) -> Path | None:
@@ -177,6 +269,7 @@ ALIASES = {
     "initializer_token": "init_word",
     "num_vectors_per_token": "num_vectors",
     "save_every_n_steps": "save_steps",
+    "conv_dim": "conv_rank",
     "lr_warmup": "lr_warmup_steps",
 }
 _REQUIRED = ("base_model", "train_data_dir")
@@ -184,15 +277,27 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def _expected_type(annotation) -> tuple[type, tuple | None, bool]:
-    """(base type, allowed choices or None, optional?) of a field annotation string."""
+    """(base type, allowed choices or None, optional?) of a field; base type `tuple` is a list of choices."""
     hint = typing.get_type_hints(TrainConfig)[annotation]
     optional = False
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         optional, hint = True, args[0]
+    if typing.get_origin(hint) is tuple:
+        return tuple, typing.get_args(typing.get_args(hint)[0]), optional
     if typing.get_origin(hint) is Literal:
         return str, typing.get_args(hint), optional
     return hint, None, optional
+
+
+def _coerce_list(name: str, value, choices: tuple):
+    items = [item.strip() for item in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        return None, f"{name}: expected a list such as [{', '.join(choices)}], got {value!r}."
+    wrong = [item for item in items if item not in choices]
+    if wrong:
+        return None, f"{name}: {wrong[0]!r} is not one of {', '.join(map(repr, choices))}."
+    return tuple(dict.fromkeys(items)), None
 
 
 def _coerce(name: str, value):
@@ -200,6 +305,8 @@ def _coerce(name: str, value):
     base, choices, optional = _expected_type(name)
     if value is None:
         return (None, None) if optional else (None, f"{name}: a value is required (got null).")
+    if base is tuple:
+        return _coerce_list(name, value, choices)
     if choices is not None:
         if value in choices:
             return value, None
@@ -302,8 +409,44 @@ def parse_config(raw: dict, source: str = "config") -> TrainConfig:
     return config
 
 
+_TI_ONLY = {"placeholder_token", "init_word", "num_vectors", "learnable_property"}
+_JOINT_ONLY = {"embedding_lr", "embedding_train_fraction"}
+_LORA_ONLY = {
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "conv_rank",
+    "conv_alpha",
+    "train_unet",
+    "train_text_encoder",
+    "network_weights",
+    "unet_lr",
+    "text_encoder_lr",
+    "save_precision",
+    "export_formats",
+}
+
+
+def _method_key_errors(config: TrainConfig, given: set[str]) -> list[str]:
+    """Keys the chosen method would ignore are errors, not silently dropped settings."""
+    unused = set()
+    if not config.uses_ti:
+        unused |= _TI_ONLY
+    if config.method != "ti+lora":
+        unused |= _JOINT_ONLY
+    if not config.uses_lora:
+        unused |= _LORA_ONLY
+    users = {name: "'ti' or 'ti+lora'" for name in _TI_ONLY}
+    users.update({name: "'ti+lora'" for name in _JOINT_ONLY})
+    users.update({name: "'lora' or 'ti+lora'" for name in _LORA_ONLY})
+    return [
+        f"{name}: only used with method {users[name]} (method is {config.method!r}); remove it."
+        for name in sorted(given & unused)
+    ]
+
+
 def _cross_field_errors(config: TrainConfig, given: set[str]) -> list[str]:
-    errors = []
+    errors = _method_key_errors(config, given)
     if config.uses_ti:
         for name in ("placeholder_token", "init_word"):
             if not (getattr(config, name) or "").strip():
@@ -312,14 +455,17 @@ def _cross_field_errors(config: TrainConfig, given: set[str]) -> list[str]:
             errors.append(
                 f"placeholder_token: {config.placeholder_token!r} contains spaces; use one word like <mychar>."
             )
-    else:
-        for name in sorted(given & {"placeholder_token", "init_word", "num_vectors", "learnable_property"}):
-            errors.append(f"{name}: only used with method 'ti' or 'ti+lora' (method is {config.method!r}); remove it.")
-    if not config.uses_lora:
-        for name in sorted(given & {"lora_rank", "lora_alpha"}):
-            errors.append(
-                f"{name}: only used with method 'lora' or 'ti+lora' (method is {config.method!r}); remove it."
-            )
+    if config.uses_lora and config.train_unet is False and config.train_text_encoder is False:
+        errors.append("train_unet, train_text_encoder: both false leaves no LoRA to train; set one to true.")
+    if config.conv_alpha is not None and config.conv_rank is None:
+        errors.append("conv_alpha: has no effect without conv_rank; set conv_rank to train LoCon convs.")
+    if config.embedding_train_fraction is not None and config.embedding_train_fraction > 1:
+        errors.append(f"embedding_train_fraction: must be at most 1, got {config.embedding_train_fraction}.")
+    if config.method == "ti+lora" and config.output_name and config.output_name == config.embedding_name:
+        errors.append(
+            f"output_name: {config.output_name!r} is also the embedding's file stem (from placeholder_token); "
+            "the LoRA and the embedding need different names."
+        )
     if config.resolution % 8:
         errors.append(f"resolution: must be a multiple of 8 (the VAE downsamples by 8), got {config.resolution}.")
     if config.output_name and re.search(r"[\\/:*?\"<>|]", config.output_name):
@@ -344,6 +490,8 @@ def check_paths(config: TrainConfig) -> list[str]:
     data_dir = Path(config.train_data_dir)
     if not data_dir.is_dir():
         errors.append(f"train_data_dir: {data_dir} is not a folder.")
+    if config.network_weights and not Path(config.network_weights).is_file():
+        errors.append(f"network_weights: {config.network_weights} does not exist.")
     if config.metadata_path and not Path(config.metadata_path).is_file():
         errors.append(f"metadata_path: {config.metadata_path} does not exist.")
     if Path(config.output_dir).is_file():
@@ -397,7 +545,8 @@ def config_reference() -> str:
     for f in dataclasses.fields(TrainConfig):
         base, choices, optional = _expected_type(f.name)
         kind = " \\| ".join(choices) if choices else base.__name__
-        default = "—" if f.default is None else f"`{f.default}`"
+        kind = f"list of {kind}" if base is tuple else kind
+        default = "—" if f.default is None else f"`{list(f.default) if isinstance(f.default, tuple) else f.default}`"
         lines.append(f"| `{f.name}` | {kind}{' or null' if optional else ''} | {default} | {f.metadata['doc']} |")
     aliases = ", ".join(f"`{alias}` → `{name}`" for alias, name in ALIASES.items())
     return "\n".join(lines) + f"\n\nAccepted aliases (kohya sd-scripts / diffusers names): {aliases}.\n"

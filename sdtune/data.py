@@ -189,3 +189,23 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
         return {"pixel_values": self._pixels(example.image_path), "caption": self._caption(example)}
+
+
+def tag_frequency(examples: list[Example]) -> dict[str, int]:
+    """Tag counts as kohya writes `ss_tag_frequency`: captions split on `,`, stripped, lowercased, once per image."""
+    counts: dict[str, int] = {}
+    for example in examples:
+        tags = {tag.strip().lower() for tag in (example.caption or "").split(",") if tag.strip()}
+        for tag in tags:
+            counts[tag] = counts.get(tag, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def dataset_summary(config: TrainConfig, examples: list[Example]) -> dict:
+    """What the LoRA metadata records about the data: folder name, repeats, image count, tag frequency."""
+    name = Path(config.train_data_dir).resolve().name
+    return {
+        "dataset_dirs": {name: {"n_repeats": 1, "img_count": len(examples)}},
+        "tag_frequency": {name: tag_frequency(examples)},
+        "num_images": len(examples),
+    }

@@ -6,13 +6,18 @@ Every write is atomic: the file is written under a temporary name in the same fo
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from sdtune.formats import ALPHA, DOWN, TEXT_ENCODER_PREFIX, UP, FormatError, LoraModule, lora_fit_problems
+
 MODELSPEC_ARCHITECTURES = {"sd1": "stable-diffusion-v1"}
+KOHYA_BASE_MODEL_VERSIONS = {"sd1": "sd_v1"}
 EMBEDDING_KEY = "emb_params"
 
 
@@ -64,3 +69,160 @@ def save_embedding(path: Path, vectors: torch.Tensor, metadata: dict[str, str]) 
     if vectors.ndim != 2:
         raise ValueError(f"an embedding must be [vectors, width], got shape {tuple(vectors.shape)}.")
     return atomic_save_safetensors({EMBEDDING_KEY: vectors.detach().float().cpu()}, path, metadata)
+
+
+def a1111_hashes(blob: bytes) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) of a serialized safetensors file, as A1111 computes them.
+
+    `sshs_model_hash` is sha256 of the bytes after the header (A1111's "addnet" hash: offset 8 + header length);
+    `sshs_legacy_hash` is the first 8 hex digits of sha256 of the 0x10000 bytes at offset 0x100000.
+    """
+    header_length = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + header_length :]).hexdigest()
+    legacy_hash = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def serialize_with_a1111_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """Serializes a safetensors file whose header carries its own `sshs_model_hash` and `sshs_legacy_hash`.
+
+    The hashes cover bytes the header does not change (the tensor data), except that the legacy window's position
+    depends on the header's length: so the file is laid out once with same-length placeholders, hashed, and laid out
+    again with the real values at the same offsets.
+    """
+    from safetensors.torch import save
+
+    placeholder = {**metadata, "sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
+    draft = save(tensors, metadata=placeholder)
+    model_hash, legacy_hash = a1111_hashes(draft)
+    final = save(tensors, metadata={**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash})
+    if a1111_hashes(final) != (model_hash, legacy_hash):
+        raise RuntimeError("safetensors laid the file out differently the second time; hashes would be wrong.")
+    return final
+
+
+def atomic_write_bytes(path: Path, blob: bytes) -> Path:
+    """Writes bytes through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        temporary.write_bytes(blob)
+        os.chmod(temporary, 0o666 & ~_current_umask())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def lora_export_problems(modules: dict[str, LoraModule], key_map: dict) -> list[str]:
+    """Why a LoRA must not be written: keys naming no module of the base, misfit shapes, or a text-encoder part that
+    diffusers cannot recognise (it needs `out_proj` or an `mlp_*` layer, FORMATS.md rule 3)."""
+    problems = lora_fit_problems(modules, key_map)
+    text_keys = [key for key in modules if key.startswith(TEXT_ENCODER_PREFIX)]
+    if text_keys and not any(key.endswith("_out_proj") or "_mlp_" in key for key in text_keys):
+        problems.append("the text-encoder part has only q/k/v projections, which diffusers cannot identify")
+    return problems
+
+
+def save_lora_kohya(
+    path: Path, modules: dict[str, LoraModule], key_map: dict, dtype: torch.dtype, metadata: dict[str, str]
+) -> Path:
+    """Verifies and writes a LoRA in kohya layout with A1111's self-hashes in the header.
+
+    Args:
+        path: Target `.safetensors` file.
+        modules: kohya key -> factors and alpha.
+        key_map: kohya key -> module of the base model (see `formats.module_key_map`); every key must be in it.
+        dtype: One dtype for all tensors (alpha included).
+        metadata: Header entries (strings); `sshs_*` hashes are added.
+
+    Raises:
+        FormatError: The LoRA does not fit the base model; nothing is written.
+    """
+    problems = lora_export_problems(modules, key_map)
+    if problems:
+        raise FormatError(f"refusing to write {path}: " + "; ".join(problems) + ".")
+    tensors = {}
+    for key, lora in sorted(modules.items()):
+        tensors[key + DOWN] = lora.down.to(dtype).contiguous()
+        tensors[key + UP] = lora.up.to(dtype).contiguous()
+        tensors[key + ALPHA] = torch.tensor(lora.alpha, dtype=dtype)
+    return atomic_write_bytes(path, serialize_with_a1111_hashes(tensors, metadata))
+
+
+def save_lora_diffusers(folder: Path, unet, text_encoder) -> Path:
+    """Writes the peft/diffusers layout (`pytorch_lora_weights.safetensors` + adapter metadata) with diffusers' own
+    writer, into `folder` (replaced atomically). Load it with `pipe.load_lora_weights(folder)`."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    layers, metadata = {}, {}
+    for name, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if getattr(model, "peft_config", None):
+            layers[f"{name}_lora_layers"] = get_peft_model_state_dict(model)
+            metadata[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+    staging = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    StableDiffusionPipeline.save_lora_weights(staging, **layers, **metadata)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)
+    return folder
+
+
+def kohya_lora_metadata(config, family: str, base_name: str, base_sha256: str, run: dict) -> dict[str, str]:
+    """The `ss_*` keys kohya sd-scripts writes and A1111 reads or shows, all as strings.
+
+    Args:
+        config: The TrainConfig.
+        family: Base model family (`sd1`).
+        base_name: Base checkpoint name (`ss_sd_model_name`).
+        base_sha256: Its sha256 (`ss_new_sd_model_hash`).
+        run: `started_at` (unix time), `steps`, `epoch`, `num_batches_per_epoch`, `max_steps`, `learning_rates`
+            (per group), `dataset` (see `data.dataset_summary`), optional `finished_at`.
+    """
+    rates = run["learning_rates"]
+    network_args = {}
+    if config.conv is not None:
+        network_args = {"conv_dim": str(config.conv[0]), "conv_alpha": str(config.conv[1])}
+    metadata = {
+        "ss_output_name": config.effective_output_name,
+        "ss_base_model_version": KOHYA_BASE_MODEL_VERSIONS[family],
+        "ss_v2": "False",
+        "ss_sd_model_name": base_name,
+        "ss_new_sd_model_hash": base_sha256,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(run["network_dim"]),
+        "ss_network_alpha": str(run["network_alpha"]),
+        "ss_network_args": json.dumps(network_args),
+        "ss_learning_rate": str(config.effective_learning_rate),
+        "ss_unet_lr": str(rates["unet"]),
+        "ss_text_encoder_lr": str(rates["text_encoder"]),
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
+        "ss_optimizer": f"torch.optim.AdamW(weight_decay={config.adam_weight_decay})",
+        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
+        "ss_total_batch_size": str(config.batch_size * config.gradient_accumulation_steps),
+        "ss_num_train_images": str(run["dataset"]["num_images"]),
+        "ss_num_reg_images": "0",
+        "ss_num_batches_per_epoch": str(run["num_batches_per_epoch"]),
+        "ss_num_epochs": str(run["num_epochs"]),
+        "ss_epoch": str(run["epoch"]),
+        "ss_steps": str(run["steps"]),
+        "ss_max_train_steps": str(run["max_steps"]),
+        "ss_resolution": f"({config.resolution}, {config.resolution})",
+        "ss_seed": str(config.seed),
+        "ss_mixed_precision": "no",
+        "ss_clip_skip": "None",
+        "ss_dataset_dirs": json.dumps(run["dataset"]["dataset_dirs"]),
+        "ss_tag_frequency": json.dumps(run["dataset"]["tag_frequency"]),
+        "ss_enable_bucket": "False",
+        "ss_cache_latents": "False",
+        "ss_training_started_at": str(run["started_at"]),
+        "ss_training_comment": "trained with sdtune",
+    }
+    if "finished_at" in run:
+        metadata["ss_training_finished_at"] = str(run["finished_at"])
+    return metadata

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sdtune import compat, data, diffusion, export, models
+from sdtune import compat, data, diffusion, export, formats, models
 from sdtune.config import ConfigError, TrainConfig, to_dict
-from sdtune.methods import textual_inversion
+from sdtune.methods import lora, textual_inversion
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +38,8 @@ def preflight(config: TrainConfig) -> list[data.Example]:
         ConfigError: With all problems found; nothing has been loaded yet.
     """
     errors: list[str] = []
-    if config.uses_lora:
-        errors.append(
-            f"method: {config.method!r} needs LoRA training, which this version of sdtune does not have yet; "
-            "use method: ti."
-        )
+    if config.network_weights:
+        errors += lora.file_config_problems(Path(config.network_weights), config)
     placeholder = config.placeholder_token if config.uses_ti else None
     examples, data_errors = data.scan_dataset(config, placeholder)
     errors += data_errors
@@ -108,25 +105,162 @@ def _encode_prompts(tokenizer, text_encoder, captions: list[str], device: torch.
     return text_encoder(ids.to(device))[0]
 
 
-def _loss(batch: dict, base: models.BaseModel, scheduler, captions: list[str], device: torch.device) -> torch.Tensor:
+def _loss(batch: dict, run: Run, captions: list[str]) -> torch.Tensor:
     """Denoising loss of one batch: encode images, add noise at random timesteps, predict, compare."""
+    device, scheduler = run.accelerator.device, run.noise_scheduler
     with torch.no_grad():
         pixels = batch["pixel_values"].to(device)
-        latents = base.vae.encode(pixels).latent_dist.sample() * base.vae.config.scaling_factor
+        latents = run.base.vae.encode(pixels).latent_dist.sample() * run.base.vae.config.scaling_factor
     noise = torch.randn_like(latents)
     timesteps = diffusion.sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    hidden_states = _encode_prompts(base.tokenizer, base.text_encoder, captions, device)
-    prediction = base.unet(noisy, timesteps, hidden_states).sample
+    with torch.set_grad_enabled(run.text_encoder_trains):  # no activations kept for a frozen text path
+        hidden_states = _encode_prompts(run.base.tokenizer, run.text_encoder, captions, device)
+    prediction = run.unet(noisy, timesteps, hidden_states).sample
     return diffusion.denoising_loss(prediction, diffusion.training_target(scheduler, latents, noise, timesteps))
 
 
-def _embedding_metadata(config: TrainConfig, record: dict[str, str], base: models.BaseModel, steps: int) -> dict:
-    metadata = export.modelspec_metadata(
-        base.family, "textual-inversion", config.effective_output_name, config.resolution, base.prediction_type
+@dataclass
+class Run:
+    """Everything the loop touches, built by `setup`. `unet`/`text_encoder` are what forward passes go through
+    (wrapped by accelerate for multi-process runs); `base` keeps the plain modules."""
+
+    config: TrainConfig
+    accelerator: object
+    base: models.BaseModel
+    record: dict[str, str]
+    trainables: dict[str, list[torch.nn.Parameter]]
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    noise_scheduler: object
+    loader: torch.utils.data.DataLoader
+    optimizer: torch.optim.Optimizer
+    lr_schedule: object
+    plan: tuple[int, int, int]
+    dataset: dict
+    started_at: float
+
+    @property
+    def text_encoder_trains(self) -> bool:
+        """True when gradients must flow through the text encoder (TI vectors or text-encoder LoRA)."""
+        return bool(self.trainables["embedding"] or self.trainables["text_encoder"])
+
+
+def _attach(config: TrainConfig, base: models.BaseModel) -> dict[str, list[torch.nn.Parameter]]:
+    """Adds the placeholder (TI) and/or injects the LoRA layers; returns the new parameters per group."""
+    trainables = {"unet": [], "text_encoder": [], "embedding": []}
+    if config.uses_ti:
+        trainables["embedding"] = [
+            textual_inversion.attach(
+                base.tokenizer,
+                base.text_encoder,
+                config.placeholder_token,
+                config.effective_num_vectors,
+                config.init_word,
+            )
+        ]
+    if config.uses_lora:
+        plan = lora.plan_for(config, base.unet, base.text_encoder)
+        if plan.unet:
+            trainables["unet"] = lora.inject(base.unet, plan.unet)
+        if plan.text_encoder:
+            trainables["text_encoder"] = lora.inject(base.text_encoder, plan.text_encoder)
+        if plan.initial is not None:
+            lora.load_factors(base.unet, base.text_encoder, plan.initial)
+    return trainables
+
+
+def _optimizer(config: TrainConfig, trainables: dict) -> torch.optim.Optimizer:
+    rates = config.group_learning_rates()
+    groups = [{"params": params, "lr": rates[name], "name": name} for name, params in trainables.items() if params]
+    return torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay)
+
+
+def setup(config: TrainConfig) -> Run:
+    """Checks the input (see `preflight`), loads the base, attaches the method's trainable parts, and builds the data
+    loader, optimizer and schedule.
+
+    Raises:
+        ConfigError: Bad data, tokens, model or LoRA file.
+        models.ModelError: The base model cannot be loaded.
+    """
+    examples = preflight(config)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    started_at = time.time()
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+    set_seed(config.seed)
+    base = models.load_base_model(config.base_model, config.base_model_config)
+    record = compat.base_record(base)  # before a placeholder changes the tokenizer
+    trainables = _attach(config, base)
+    dataset = data.ImageCaptionDataset(examples, config, templates_subject=config.placeholder_token)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=True,
+        num_workers=config.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(config.seed),
     )
-    metadata["modelspec.trigger_phrase"] = config.effective_output_name
-    metadata.update(record)
+    plan = steps_plan(config, len(dataset))
+    optimizer = _optimizer(config, trainables)
+    lr_schedule = get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=plan[1]
+    )
+    for module in (base.unet, base.vae, base.text_encoder):
+        module.to(accelerator.device)
+    # Only modules with trainable parameters are prepared (wrapped for multi-process runs).
+    unet = accelerator.prepare(base.unet) if trainables["unet"] else base.unet
+    text_encoder = base.text_encoder
+    if trainables["text_encoder"] or trainables["embedding"]:
+        text_encoder = accelerator.prepare(base.text_encoder)
+        text_encoder.train()
+    unet.train(bool(trainables["unet"]))
+    optimizer, loader = accelerator.prepare(optimizer, loader)
+    return Run(
+        config,
+        accelerator,
+        base,
+        record,
+        trainables,
+        unet,
+        text_encoder,
+        DDPMScheduler.from_config(base.scheduler_config),
+        loader,
+        optimizer,
+        lr_schedule,
+        plan,
+        data.dataset_summary(config, examples),
+        started_at,
+    )
+
+
+def _log_step(writer, run: Run, step: int, loss: float, started: float) -> None:
+    if writer is None:
+        return
+    writer.add_scalar("loss", loss, step)
+    for group in run.optimizer.param_groups:
+        writer.add_scalar(f"lr/{group['name']}", group["lr"], step)
+    writer.add_scalar("steps_per_second", step / (time.perf_counter() - started), step)
+
+
+def _writer(config: TrainConfig):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(config.effective_logging_dir))
+    writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in to_dict(config).items()))
+    return writer
+
+
+def _embedding_metadata(run: Run, steps: int) -> dict[str, str]:
+    config = run.config
+    metadata = export.modelspec_metadata(
+        run.base.family, "textual-inversion", config.embedding_name, config.resolution, run.base.prediction_type
+    )
+    metadata["modelspec.trigger_phrase"] = config.embedding_name
+    metadata.update(run.record)
     metadata.update(
         {
             "sdtune.kind": "textual_inversion",
@@ -140,101 +274,81 @@ def _embedding_metadata(config: TrainConfig, record: dict[str, str], base: model
     return metadata
 
 
-def _save(config, record, base, vectors: torch.Tensor, step: int, final: bool) -> Path:
-    name = config.effective_output_name + ("" if final else f"-step{step:08d}")
-    path = Path(config.output_dir) / f"{name}.safetensors"
-    return export.save_embedding(path, vectors.detach(), _embedding_metadata(config, record, base, step))
-
-
-def _writer(config: TrainConfig):
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(log_dir=str(config.effective_logging_dir))
-    writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in to_dict(config).items()))
-    return writer
-
-
-@dataclass
-class _Run:
-    """Everything the loop touches, built by `_setup`."""
-
-    config: TrainConfig
-    accelerator: object
-    base: models.BaseModel
-    record: dict[str, str]
-    vectors: torch.nn.Parameter
-    noise_scheduler: object
-    loader: torch.utils.data.DataLoader
-    optimizer: torch.optim.Optimizer
-    lr_schedule: object
-    total_steps: int
-    num_epochs: int
-
-
-def _setup(config: TrainConfig, examples: list[data.Example]) -> _Run:
-    """Loads the base, attaches the placeholder, and builds data loader, optimizer and schedule."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
-    set_seed(config.seed)
-    base = models.load_base_model(config.base_model, config.base_model_config)
-    record = compat.base_record(base)  # before the placeholder changes the tokenizer
-    vectors = textual_inversion.attach(
-        base.tokenizer, base.text_encoder, config.placeholder_token, config.effective_num_vectors, config.init_word
+def _lora_metadata(run: Run, steps: int, final: bool) -> dict[str, str]:
+    config = run.config
+    per_epoch, total, epochs = run.plan
+    details = {
+        "started_at": run.started_at,
+        "steps": steps,
+        "epoch": math.ceil(steps / per_epoch),
+        "num_batches_per_epoch": math.ceil(run.dataset["num_images"] / config.batch_size),
+        "num_epochs": epochs,
+        "max_steps": total,
+        "learning_rates": config.group_learning_rates(),
+        "dataset": run.dataset,
+        "network_dim": lora.main_rank(run.base.unet, run.base.text_encoder),
+        "network_alpha": lora.main_alpha(run.base.unet, run.base.text_encoder),
+    }
+    if final:
+        details["finished_at"] = time.time()
+    metadata = export.kohya_lora_metadata(
+        config, run.base.family, run.record["sdtune.base_model_name"], run.record["sdtune.base_model_sha256"], details
     )
-    dataset = data.ImageCaptionDataset(examples, config, templates_subject=config.placeholder_token)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        shuffle=True,
-        num_workers=config.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(config.seed),
+    metadata.update(
+        export.modelspec_metadata(
+            run.base.family, "lora", config.effective_output_name, config.resolution, run.base.prediction_type
+        )
     )
-    _, total_steps, num_epochs = steps_plan(config, len(dataset))
-    # Only the new vectors are optimised; the base embedding table never reaches the optimizer.
-    optimizer = torch.optim.AdamW([vectors], lr=config.effective_learning_rate, weight_decay=config.adam_weight_decay)
-    lr_schedule = get_scheduler(
-        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps
-    )
-    base.text_encoder, optimizer, loader = accelerator.prepare(base.text_encoder, optimizer, loader)
-    base.unet.to(accelerator.device)
-    base.vae.to(accelerator.device)
-    base.text_encoder.train()
-    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
-    return _Run(
-        config,
-        accelerator,
-        base,
-        record,
-        vectors,
-        noise_scheduler,
-        loader,
-        optimizer,
-        lr_schedule,
-        total_steps,
-        num_epochs,
-    )
+    metadata.update(run.record)
+    metadata.update({"sdtune.kind": "lora", "sdtune.steps": str(steps), "sdtune.resolution": str(config.resolution)})
+    if config.uses_ti:  # pivotal tuning: the LoRA expects its embedding file
+        metadata["modelspec.trigger_phrase"] = config.embedding_name
+        metadata["sdtune.companion_embedding"] = f"{config.embedding_name}.safetensors"
+        metadata["sdtune.placeholder_token"] = config.placeholder_token
+    return metadata
 
 
-def _log_step(run: _Run, writer, result: TrainResult, started: float) -> None:
-    learning_rate = run.lr_schedule.get_last_lr()[0]
-    if writer is not None:
-        writer.add_scalar("loss", result.last_loss, result.steps)
-        writer.add_scalar("lr", learning_rate, result.steps)
-        writer.add_scalar("steps_per_second", result.steps / (time.perf_counter() - started), result.steps)
+_SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _batches(run: _Run):
+def _save_outputs(run: Run, steps: int, final: bool) -> list[Path]:
+    """Writes the embedding and/or LoRA (`-stepNNNNNNNN` suffix for intermediate saves)."""
+    config, folder, suffix = run.config, Path(run.config.output_dir), "" if final else f"-step{steps:08d}"
+    written = []
+    if run.trainables["embedding"]:
+        path = folder / f"{config.embedding_name}{suffix}.safetensors"
+        written.append(
+            export.save_embedding(path, run.trainables["embedding"][0].detach(), _embedding_metadata(run, steps))
+        )
+    if config.uses_lora:
+        modules = lora.extract(run.base.unet, run.base.text_encoder)
+        key_map = formats.module_key_map(run.base.unet, run.base.text_encoder)
+        path = folder / f"{config.effective_output_name}{suffix}.safetensors"
+        metadata = _lora_metadata(run, steps, final)
+        written.append(export.save_lora_kohya(path, modules, key_map, _SAVE_DTYPES[config.save_precision], metadata))
+        if final and "diffusers" in config.export_formats:
+            target = folder / f"{config.effective_output_name}_diffusers"
+            written.append(export.save_lora_diffusers(target, run.base.unet, run.base.text_encoder))
+    return written
+
+
+def _stop_embedding_if_due(run: Run, step: int) -> None:
+    """ti+lora: after `embedding_train_fraction` of the steps the vectors freeze; the LoRA keeps training."""
+    fraction = run.config.embedding_train_fraction
+    if fraction is None or not run.trainables["embedding"]:
+        return
+    if step >= math.ceil(fraction * run.plan[1]):
+        run.trainables["embedding"][0].requires_grad_(False)
+
+
+def _batches(run: Run):
     """The batches of all epochs, as many as the planned steps need."""
-    for _epoch in range(run.num_epochs):
+    for _epoch in range(run.plan[2]):
         yield from run.loader
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Trains a textual-inversion embedding as the config says and writes it to `output_dir`.
+    """Trains an embedding (TI), a LoRA, or both jointly, as the config says, and writes them to `output_dir`.
 
     Args:
         config: A validated config (see `sdtune.config.load_config`).
@@ -243,19 +357,27 @@ def train(config: TrainConfig) -> TrainResult:
         The files written, the number of optimizer steps and the last loss.
 
     Raises:
-        ConfigError: Bad data, tokens or model, found before any weights load.
+        ConfigError: Bad data, tokens, model or LoRA file, found before any weights load where possible.
         models.ModelError: The base model cannot be loaded.
     """
-    run = _setup(config, preflight(config))
-    accelerator, placeholder, vectors = run.accelerator, config.placeholder_token, config.effective_num_vectors
+    return fit(setup(config))
+
+
+def fit(run: Run) -> TrainResult:
+    """Runs the training loop of a prepared run and writes the outputs (the trained modules stay in `run.base`)."""
+    config = run.config
+    accelerator, total_steps = run.accelerator, run.plan[1]
+    placeholder, vectors = config.placeholder_token, config.effective_num_vectors
     result = TrainResult(final_path=Path(config.output_dir) / f"{config.effective_output_name}.safetensors")
     writer = _writer(config) if accelerator.is_main_process else None
-    progress = tqdm(total=run.total_steps, desc="train", unit="step", disable=not accelerator.is_main_process)
+    progress = tqdm(total=total_steps, desc="train", unit="step", disable=not accelerator.is_main_process)
     started = time.perf_counter()
     for batch in _batches(run):
-        with accelerator.accumulate(run.base.text_encoder):
-            captions = [textual_inversion.expand_placeholder(c, placeholder, vectors) for c in batch["caption"]]
-            loss = _loss(batch, run.base, run.noise_scheduler, captions, accelerator.device)
+        with accelerator.accumulate(run.unet, run.text_encoder):
+            captions = batch["caption"]
+            if config.uses_ti:
+                captions = [textual_inversion.expand_placeholder(c, placeholder, vectors) for c in captions]
+            loss = _loss(batch, run, captions)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 run.optimizer.step()
@@ -265,17 +387,18 @@ def train(config: TrainConfig) -> TrainResult:
             continue
         result.steps += 1
         result.last_loss = loss.detach().item()
+        _stop_embedding_if_due(run, result.steps)
         progress.update(1)
         progress.set_postfix(loss=f"{result.last_loss:.4f}", lr=f"{run.lr_schedule.get_last_lr()[0]:.2e}")
-        _log_step(run, writer, result, started)
+        _log_step(writer, run, result.steps, result.last_loss, started)
         is_save_step = config.save_steps and result.steps % config.save_steps == 0
-        if accelerator.is_main_process and is_save_step and result.steps < run.total_steps:
-            result.saved_paths.append(_save(config, run.record, run.base, run.vectors, result.steps, final=False))
-        if result.steps >= run.total_steps:
+        if accelerator.is_main_process and is_save_step and result.steps < total_steps:
+            result.saved_paths += _save_outputs(run, result.steps, final=False)
+        if result.steps >= total_steps:
             break
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        result.saved_paths.append(_save(config, run.record, run.base, run.vectors, result.steps, final=True))
+        result.saved_paths += _save_outputs(run, result.steps, final=True)
         writer.close()
     return result

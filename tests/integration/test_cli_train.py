@@ -80,7 +80,7 @@ def test_train_command_writes_embedding_metadata_and_logs(tiny_base, tmp_path):
     assert load_file(str(out / "star-step00000002.safetensors"))["emb_params"].shape == (2, 32)
     scalars = _scalars(out / "logs")
     assert [step for step, _ in scalars["loss"]] == [1, 2, 3, 4]
-    assert [value for _, value in scalars["lr"]] == pytest.approx([5e-3] * 4)
+    assert [value for _, value in scalars["lr/embedding"]] == pytest.approx([5e-3] * 4)
     assert all(value > 0 for _, value in scalars["loss"])
 
 
@@ -130,18 +130,6 @@ def test_config_errors_exit_2_with_every_problem(tmp_path):
     assert "base_modle: unknown key. Did you mean 'base_model'?" in completed.stderr
     assert "learning_rate: expected a number (e.g. 1e-4 or 0.0001), got 'fast'." in completed.stderr
     assert "base_model: required." in completed.stderr
-
-
-def test_lora_method_is_refused_until_it_exists(ti_config_dict, capsys):
-    import yaml
-
-    raw = {k: v for k, v in ti_config_dict.items() if k not in ("placeholder_token", "init_word", "num_vectors")}
-    path = Path(ti_config_dict["output_dir"]).parent / "lora.yaml"
-    path.write_text(yaml.safe_dump({**raw, "method": "lora"}), encoding="utf-8")
-    assert cli.main(["train", str(path)]) == cli.EXIT_BAD_INPUT
-    assert (
-        "method: 'lora' needs LoRA training, which this version of sdtune does not have yet" in capsys.readouterr().err
-    )
 
 
 def test_readme_quickstart_command_runs_as_written(tmp_path):

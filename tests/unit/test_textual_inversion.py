@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sdtune import data, export, models
+from sdtune import models
 from sdtune.config import parse_config
 from sdtune.methods import textual_inversion as ti
-from sdtune.train import _loss
+from sdtune.train import fit, setup
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "sample_data" / "star"
 PROMPT = "a red <star> on a blue background"
@@ -71,42 +71,24 @@ def test_existing_words_are_refused_as_placeholders(base):
         ti.attach(base.tokenizer, base.text_encoder, "dog", 1, "dog")
 
 
-def test_exported_embedding_reloads_in_diffusers_with_the_trained_output(base, tiny_base, tmp_path):
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+def test_exported_embedding_reloads_in_diffusers_with_the_trained_output(ti_config_dict, tiny_base):
+    from diffusers import StableDiffusionPipeline
 
-    vectors = ti.attach(base.tokenizer, base.text_encoder, "<star>", 2, "star")
-    initial = vectors.detach().clone()
-    config = parse_config(
-        {
-            "method": "ti",
-            "base_model": "m",
-            "train_data_dir": str(SAMPLE_DATA),
-            "placeholder_token": "<star>",
-            "init_word": "star",
-            "resolution": 32,
-        }
-    )
-    examples, errors = data.scan_dataset(config, "<star>")
-    assert not errors
-    batch = torch.utils.data.default_collate([data.ImageCaptionDataset(examples, config)[i] for i in range(2)])
-    optimizer = torch.optim.AdamW([vectors], lr=5e-2)
-    scheduler = DDPMScheduler.from_config(base.scheduler_config)
-    for _ in range(3):
-        captions = [ti.expand_placeholder(c, "<star>", 2) for c in batch["caption"]]
-        _loss(batch, base, scheduler, captions, torch.device("cpu")).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert not torch.allclose(vectors, initial)
-    path = export.save_embedding(tmp_path / "star.safetensors", vectors, {"sdtune.kind": "textual_inversion"})
-    with safe_open(str(path), "pt") as handle:
+    run = setup(parse_config({**ti_config_dict, "learning_rate": 5e-2}))
+    initial = run.trainables["embedding"][0].detach().clone()
+    result = fit(run)
+    trained_vectors = run.trainables["embedding"][0].detach()
+    assert not torch.allclose(trained_vectors, initial)
+    with safe_open(str(result.final_path), "pt") as handle:
         assert list(handle.keys()) == ["emb_params"]
-        assert handle.get_tensor("emb_params").dtype == torch.float32
+        torch.testing.assert_close(handle.get_tensor("emb_params"), trained_vectors, rtol=0, atol=0)
+    base = run.base
     trained = _encode(base.tokenizer, base.text_encoder, ti.expand_placeholder(PROMPT, "<star>", 2))
 
     pipe = StableDiffusionPipeline.from_pretrained(
         tiny_base["folder"], safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
-    pipe.load_textual_inversion(str(path), token="<star>")
+    pipe.load_textual_inversion(str(result.final_path), token="<star>")
     prompt = pipe.maybe_convert_prompt(PROMPT, pipe.tokenizer)
     assert prompt == "a red <star> <star>_1 on a blue background"
     reloaded = _encode(pipe.tokenizer, pipe.text_encoder, prompt)

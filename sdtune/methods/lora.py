@@ -1,0 +1,266 @@
+"""LoRA: low-rank updates `W + (alpha / r) * B @ A` on frozen layers (Hu et al. 2021, arXiv:2106.09685).
+
+Layers are wrapped with peft (the original layer stays as `base_layer`, frozen and untouched). Targets follow kohya
+sd-scripts so the files mean the same in every client:
+- UNet `kohya` preset: every Linear and 1x1 Conv2d inside each `Transformer2DModel` (proj_in/out, attn1/attn2
+  q/k/v/out, ff); `attention` preset: the attention projections only.
+- LoCon (`conv_rank`): also the Conv2d layers of `ResnetBlock2D`, `Downsample2D`, `Upsample2D` (3x3 convs at
+  `conv_rank`/`conv_alpha`, the 1x1 shortcut at `lora_rank`/`lora_alpha`).
+- Text encoder `kohya` preset: q/k/v/out projections and fc1/fc2 of every layer; `attention` preset: q/k/v/out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdtune import formats
+
+ADAPTER = "default"
+_UNET_TRANSFORMER_CLASSES = ("Transformer2DModel",)
+_UNET_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+_TEXT_LAYER_CLASSES = ("CLIPEncoderLayer",)
+
+
+@dataclass
+class LoraPlan:
+    """Which modules get a LoRA, at which (rank, alpha), and optional starting factors (continuing a file)."""
+
+    unet: dict[str, tuple[int, float]] = field(default_factory=dict)
+    text_encoder: dict[str, tuple[int, float]] = field(default_factory=dict)
+    initial: dict[str, formats.LoraModule] | None = None
+
+
+def _inside(model: nn.Module, class_names: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every Linear/Conv2d inside a module whose class is one of `class_names`."""
+    found = []
+    for parent_path, parent in model.named_modules():
+        if type(parent).__name__ not in class_names:
+            continue
+        for child_path, child in parent.named_modules():
+            if isinstance(child, (nn.Linear, nn.Conv2d)) and child_path:
+                found.append((f"{parent_path}.{child_path}", child))
+    return found
+
+
+def _is_1x1(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or tuple(module.kernel_size) == (1, 1)
+
+
+def unet_targets(unet: nn.Module, preset: str, rank: int, alpha: float, conv: tuple[int, float] | None) -> dict:
+    """Module path -> (rank, alpha) of the UNet layers a preset adapts.
+
+    Args:
+        unet: The diffusers UNet.
+        preset: `kohya` (all Linear / 1x1 conv in transformer blocks) or `attention` (attention projections).
+        rank: Rank of Linear and 1x1 conv layers.
+        alpha: Their alpha.
+        conv: (rank, alpha) of the LoCon 3x3 convs, or None for no LoCon.
+    """
+    targets = {}
+    for path, module in _inside(unet, _UNET_TRANSFORMER_CLASSES):
+        if not _is_1x1(module):
+            continue
+        if preset == "attention" and not re.search(r"\.attn[12]\.", path):
+            continue
+        targets[path] = (rank, alpha)
+    if conv is not None:
+        for path, module in _inside(unet, _UNET_CONV_CLASSES):
+            if isinstance(module, nn.Conv2d):
+                targets[path] = (rank, alpha) if _is_1x1(module) else conv
+    return targets
+
+
+def text_encoder_targets(text_encoder: nn.Module, preset: str, rank: int, alpha: float) -> dict:
+    """Module path -> (rank, alpha) of the CLIP text-encoder layers a preset adapts (`kohya` or `attention`)."""
+    targets = {}
+    for path, module in _inside(text_encoder, _TEXT_LAYER_CLASSES):
+        if isinstance(module, nn.Linear) and (preset == "kohya" or ".self_attn." in path):
+            targets[path] = (rank, alpha)
+    return targets
+
+
+def inject(model: nn.Module, targets: dict[str, tuple[int, float]]) -> list[nn.Parameter]:
+    """Wraps the target layers with peft LoRA layers (A kaiming-uniform, B zero, as kohya) and returns the new params.
+
+    Raises:
+        ValueError: No targets, or a target path that is not a module of the model.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if not targets:
+        raise ValueError(f"no LoRA target modules were found in the {type(model).__name__}.")
+    modules = dict(model.named_modules())
+    missing = [path for path in targets if path not in modules]
+    if missing:
+        raise ValueError(f"LoRA targets not found in the {type(model).__name__}: {', '.join(missing[:5])}")
+    default_rank, default_alpha = next(iter(targets.values()))
+    config = LoraConfig(
+        r=default_rank,
+        lora_alpha=default_alpha,
+        target_modules=sorted(targets),
+        rank_pattern={re.escape(path): rank for path, (rank, _) in targets.items()},
+        alpha_pattern={re.escape(path): alpha for path, (_, alpha) in targets.items()},
+        init_lora_weights=True,
+        lora_dropout=0.0,
+    )
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    return [p for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name]
+
+
+def _lora_layers(model: nn.Module):
+    from peft.tuners.lora import LoraLayer
+
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+            yield path, module
+
+
+def extract(unet: nn.Module, text_encoder: nn.Module) -> dict[str, formats.LoraModule]:
+    """The current LoRA factors of both models under their kohya names (detached float32 CPU copies)."""
+    modules = {}
+    for component, key_of in ((unet, formats.unet_module_key), (text_encoder, formats.text_encoder_module_key)):
+        for path, layer in _lora_layers(component):
+            modules[key_of(path)] = formats.LoraModule(
+                down=layer.lora_A[ADAPTER].weight.detach().float().cpu().clone(),
+                up=layer.lora_B[ADAPTER].weight.detach().float().cpu().clone(),
+                alpha=float(layer.lora_alpha[ADAPTER]),
+            )
+    return modules
+
+
+def load_factors(unet: nn.Module, text_encoder: nn.Module, modules: dict[str, formats.LoraModule]) -> None:
+    """Copies factors (e.g. from a LoRA file) into already injected LoRA layers.
+
+    Raises:
+        ValueError: A module of the file has no injected layer, or an injected layer none in the file.
+    """
+    layers = {formats.unet_module_key(p): m for p, m in _lora_layers(unet)}
+    layers.update({formats.text_encoder_module_key(p): m for p, m in _lora_layers(text_encoder)})
+    if set(layers) != set(modules):
+        raise ValueError(f"LoRA layers and file differ: {sorted(set(layers) ^ set(modules))[:5]}")
+    with torch.no_grad():
+        for key, lora in modules.items():
+            layers[key].lora_A[ADAPTER].weight.copy_(lora.down.reshape(layers[key].lora_A[ADAPTER].weight.shape))
+            layers[key].lora_B[ADAPTER].weight.copy_(lora.up.reshape(layers[key].lora_B[ADAPTER].weight.shape))
+
+
+def plan_from_modules(
+    modules: dict[str, formats.LoraModule], key_map: dict[str, tuple[str, str, nn.Module]]
+) -> LoraPlan:
+    """A plan that recreates the modules, ranks and alphas of a LoRA file (keys must be checked to fit first)."""
+    plan = LoraPlan(initial=modules)
+    for key, lora in modules.items():
+        component, path, _ = key_map[key]
+        getattr(plan, component)[path] = (lora.rank, lora.alpha)
+    return plan
+
+
+def _is_conv3x3(lora: formats.LoraModule) -> bool:
+    return lora.down.ndim == 4 and tuple(lora.down.shape[-2:]) != (1, 1)
+
+
+def _mismatch(name: str, wanted, found: set, path: Path) -> str | None:
+    if wanted is None or found <= {wanted}:
+        return None
+    shown = ", ".join(f"{value:g}" for value in sorted(found))
+    return (
+        f"{name}: {wanted:g} but network_weights {path.name} has {shown}; remove {name} (the file decides) or "
+        "start a new LoRA without network_weights."
+    )
+
+
+def file_config_problems(path: Path, config) -> list[str]:
+    """Reads a LoRA file to continue from and lists what contradicts the config (cheap: no model is loaded).
+
+    Rank, alpha and the trained components come from the file; a config that sets them differently is an error.
+    """
+    if path.suffix != ".safetensors":
+        return [f"network_weights: {path} is not a .safetensors file; sdtune continues from .safetensors LoRAs only."]
+    try:
+        tensors, _ = formats.read_safetensors(path)
+        if not formats.is_kohya_lora(tensors):
+            return [f"network_weights: {path} is not a kohya-format LoRA (no lora_unet_* / lora_te_* keys)."]
+        modules = formats.parse_kohya_lora(tensors, path)
+    except formats.FormatError as error:
+        return [f"network_weights: {error}"]
+    plain = [lora for lora in modules.values() if not _is_conv3x3(lora)]
+    convs = [lora for lora in modules.values() if _is_conv3x3(lora)]
+    problems = [
+        _mismatch("lora_rank", config.lora_rank, {lora.rank for lora in plain}, path),
+        _mismatch("lora_alpha", config.lora_alpha, {lora.alpha for lora in plain}, path),
+        _mismatch("conv_rank", config.conv_rank, {lora.rank for lora in convs}, path),
+        _mismatch("conv_alpha", config.conv_alpha, {lora.alpha for lora in convs}, path),
+    ]
+    if config.conv_rank is not None and not convs:
+        problems.append(f"conv_rank: network_weights {path.name} has no LoCon convs; remove conv_rank.")
+    for flag, prefix in (("train_unet", formats.UNET_PREFIX), ("train_text_encoder", "lora_te_")):
+        present = any(key.startswith(prefix) for key in modules)
+        if getattr(config, flag) is not None and getattr(config, flag) != present:
+            problems.append(
+                f"{flag}: {str(getattr(config, flag)).lower()} but network_weights {path.name} "
+                f"{'has' if present else 'has no'} {prefix}* modules; remove {flag} (the file decides)."
+            )
+    return [problem for problem in problems if problem]
+
+
+def plan_for(config, unet: nn.Module, text_encoder: nn.Module) -> LoraPlan:
+    """The LoRA plan of a config: from `network_weights` when set, else from the presets.
+
+    Raises:
+        ConfigError: The file does not fit this base model, or a preset matched no module.
+    """
+    from sdtune.config import ConfigError
+
+    if config.network_weights:
+        path = Path(config.network_weights)
+        modules = formats.parse_kohya_lora(formats.read_safetensors(path)[0], path)
+        key_map = formats.module_key_map(unet, text_encoder)
+        problems = formats.lora_fit_problems(modules, key_map)
+        if not problems and config.lora_targets is not None:
+            plan = _preset_plan(config, unet, text_encoder, include_unet=True, include_text=True)
+            expected = {formats.unet_module_key(p) for p in plan.unet}
+            expected |= {formats.text_encoder_module_key(p) for p in plan.text_encoder}
+            if set(modules) - expected:
+                problems.append(
+                    f"lora_targets: {config.lora_targets!r} does not cover the file's modules "
+                    f"(e.g. {sorted(set(modules) - expected)[0]}); remove lora_targets (the file decides)"
+                )
+        if problems:
+            raise ConfigError(problems, f"network_weights {path}")
+        return plan_from_modules(modules, key_map)
+    plan = _preset_plan(
+        config, unet, text_encoder, config.train_unet is not False, config.train_text_encoder is not False
+    )
+    if not plan.unet and not plan.text_encoder:
+        raise ConfigError(["lora_targets: matched no module of the base model."], "LoRA targets")
+    return plan
+
+
+def _preset_plan(config, unet, text_encoder, include_unet: bool, include_text: bool) -> LoraPlan:
+    preset = config.lora_targets or "kohya"
+    rank, alpha = config.effective_lora_rank, config.effective_lora_alpha
+    return LoraPlan(
+        unet=unet_targets(unet, preset, rank, alpha, config.conv) if include_unet else {},
+        text_encoder=text_encoder_targets(text_encoder, preset, rank, alpha) if include_text else {},
+    )
+
+
+def _most_common(values: list):
+    return max(set(values), key=values.count) if values else None
+
+
+def main_rank(unet: nn.Module, text_encoder: nn.Module) -> int | None:
+    """The rank most Linear / 1x1 layers use (what kohya records as `ss_network_dim`)."""
+    layers = [layer for model in (unet, text_encoder) for _, layer in _lora_layers(model)]
+    return _most_common([layer.r[ADAPTER] for layer in layers if _is_1x1(layer.get_base_layer())])
+
+
+def main_alpha(unet: nn.Module, text_encoder: nn.Module) -> float | None:
+    """The alpha most Linear / 1x1 layers use (`ss_network_alpha`)."""
+    layers = [layer for model in (unet, text_encoder) for _, layer in _lora_layers(model)]
+    return _most_common([float(layer.lora_alpha[ADAPTER]) for layer in layers if _is_1x1(layer.get_base_layer())])
