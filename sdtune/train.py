@@ -147,18 +147,12 @@ class Run:
 
 
 def _attach(config: TrainConfig, base: models.BaseModel) -> dict[str, list[torch.nn.Parameter]]:
-    """Adds the placeholder (TI) and/or injects the LoRA layers; returns the new parameters per group."""
+    """Injects the LoRA layers and/or adds the placeholder (TI); returns the new parameters per group.
+
+    The LoRA goes in first: peft marks every non-LoRA parameter of a model it wraps as frozen, which would freeze
+    placeholder vectors attached before it.
+    """
     trainables = {"unet": [], "text_encoder": [], "embedding": []}
-    if config.uses_ti:
-        trainables["embedding"] = [
-            textual_inversion.attach(
-                base.tokenizer,
-                base.text_encoder,
-                config.placeholder_token,
-                config.effective_num_vectors,
-                config.init_word,
-            )
-        ]
     if config.uses_lora:
         plan = lora.plan_for(config, base.unet, base.text_encoder)
         if plan.unet:
@@ -167,6 +161,11 @@ def _attach(config: TrainConfig, base: models.BaseModel) -> dict[str, list[torch
             trainables["text_encoder"] = lora.inject(base.text_encoder, plan.text_encoder)
         if plan.initial is not None:
             lora.load_factors(base.unet, base.text_encoder, plan.initial)
+    if config.uses_ti:
+        vectors = textual_inversion.attach(
+            base.tokenizer, base.text_encoder, config.placeholder_token, config.effective_num_vectors, config.init_word
+        )
+        trainables["embedding"] = [vectors]
     return trainables
 
 

@@ -56,3 +56,102 @@ def comfyui_embedding_vectors(path: Path, embedding_size: int, embed_key: str = 
         vectors = next(iter(data.values()))
     vectors = vectors.reshape(-1, vectors.shape[-1])
     return vectors if vectors.shape[-1] == embedding_size else None
+
+
+# --- LoRA key rules ---------------------------------------------------------------------------------------------
+
+_A1111_RESNET_SUFFIXES = {
+    "conv1": "in_layers_2",
+    "conv2": "out_layers_3",
+    "norm1": "in_layers_0",
+    "norm2": "out_layers_0",
+    "time_emb_proj": "emb_layers_1",
+    "conv_shortcut": "skip_connection",
+}
+
+
+def _a1111_block_name(key: str) -> str | None:
+    import re
+
+    if m := re.match(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
+        block, kind, index, rest = int(m[1]), m[2], int(m[3]), m[4]
+        suffix = _A1111_RESNET_SUFFIXES.get(rest, rest) if kind == "resnets" else rest
+        return f"diffusion_model_input_blocks_{1 + block * 3 + index}_{1 if kind == 'attentions' else 0}_{suffix}"
+    if m := re.match(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", key):
+        kind, index, rest = m[1], int(m[2]), m[3]
+        suffix = _A1111_RESNET_SUFFIXES.get(rest, rest) if kind == "resnets" else rest
+        return f"diffusion_model_middle_block_{1 if kind == 'attentions' else index * 2}_{suffix}"
+    if m := re.match(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
+        block, kind, index, rest = int(m[1]), m[2], int(m[3]), m[4]
+        suffix = _A1111_RESNET_SUFFIXES.get(rest, rest) if kind == "resnets" else rest
+        return f"diffusion_model_output_blocks_{block * 3 + index}_{1 if kind == 'attentions' else 0}_{suffix}"
+    return None
+
+
+def a1111_compvis_name(key: str) -> str:
+    """A1111's `convert_diffusers_name_to_compvis` for SD1.x kohya keys (module part, without `.lora_up.weight`)."""
+    import re
+
+    if name := _a1111_block_name(key):
+        return name
+    if m := re.match(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", key):
+        return f"diffusion_model_input_blocks_{3 + int(m[1]) * 3}_0_op"
+    if m := re.match(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", key):
+        return f"diffusion_model_output_blocks_{2 + int(m[1]) * 3}_{2 if int(m[1]) > 0 else 1}_conv"
+    if m := re.match(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", key):
+        return f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"
+    return key
+
+
+def a1111_layer_names(checkpoint_keys) -> set[str]:
+    """A1111's `network_layer_mapping` names of an SD1.x checkpoint: module paths with `_`, relative to
+    `sd_model.model` (UNet) and to the CLIP wrapper (text encoder)."""
+    names = set()
+    for key in checkpoint_keys:
+        module = key.rsplit(".", 1)[0]
+        if module.startswith("model.diffusion_model."):
+            names.add(module.removeprefix("model.").replace(".", "_"))
+        elif module.startswith("cond_stage_model.transformer."):
+            names.add(module.removeprefix("cond_stage_model.").replace(".", "_"))
+    return names
+
+
+def a1111_unmatched_keys(lora_keys, checkpoint_keys) -> list[str]:
+    """LoRA modules A1111 would log as "didn't match keys" (and silently not apply)."""
+    layers = a1111_layer_names(checkpoint_keys)
+    modules = {key.split(".", 1)[0] for key in lora_keys}
+    return sorted(m for m in modules if a1111_compvis_name(m) not in layers)
+
+
+_COMFY_CLIP_MAP = {
+    "mlp.fc1": "mlp_fc1",
+    "mlp.fc2": "mlp_fc2",
+    "self_attn.k_proj": "self_attn_k_proj",
+    "self_attn.q_proj": "self_attn_q_proj",
+    "self_attn.v_proj": "self_attn_v_proj",
+    "self_attn.out_proj": "self_attn_out_proj",
+}
+
+
+def comfyui_key_map(diffusers_unet_weight_names, ldm_unet_keys, num_text_layers: int) -> set[str]:
+    """The kohya module names ComfyUI maps for an SD1.x model: `lora_unet_` + LDM or diffusers weight paths, and
+    `lora_te_text_model_encoder_layers_<i>_<mlp_fc1|...>` for the six CLIP layer types."""
+    names = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_") for k in diffusers_unet_weight_names}
+    names |= {
+        "lora_unet_" + k.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(".", "_")
+        for k in ldm_unet_keys
+    }
+    for layer in range(num_text_layers):
+        names |= {f"lora_te_text_model_encoder_layers_{layer}_{suffix}" for suffix in _COMFY_CLIP_MAP.values()}
+    return names
+
+
+def comfyui_unloaded_keys(lora_keys, key_map: set[str]) -> list[str]:
+    """Keys ComfyUI reports as "lora key not loaded": those of no mapped module, or not up/down/alpha/mid."""
+    parts = (".lora_up.weight", ".lora_down.weight", ".alpha", ".lora_mid.weight")
+    left = []
+    for key in lora_keys:
+        module = next((key[: -len(p)] for p in parts if key.endswith(p)), None)
+        if module is None or module not in key_map:
+            left.append(key)
+    return sorted(left)

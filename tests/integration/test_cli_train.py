@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lora_scripts_example import LORA_SCRIPTS_EXAMPLE
 from sdtune import cli, models
 from sdtune.config import parse_config
 from sdtune.train import train
@@ -186,3 +187,28 @@ def test_placeholder_cut_off_by_the_77_token_limit_is_an_error(ti_config_dict, t
     assert "star_00_blue.png: the caption is" in caught.value.errors[0]
     assert "the placeholder '<star>' falls after the cut" in caught.value.errors[0]
     assert "2 caption(s) exceed 75 tokens and are cut: star_00_blue.png, star_01_green.png" in caplog.text
+
+
+def test_lora_scripts_yaml_trains_with_only_base_data_and_steps(tiny_base, tmp_path):
+    """The lora-scripts example config, verbatim but for its paths and a step count."""
+    data_dir = REPO_ROOT / "sample_data" / "star"
+    text = (
+        LORA_SCRIPTS_EXAMPLE.replace("./data/anime_style/metadata.csv", str(data_dir / "metadata.csv"))
+        .replace("./data/anime_style", str(data_dir))
+        .replace("./models/Stable-diffusion/v1-5-pruned.safetensors", str(tiny_base["checkpoint"]))
+        .replace("./output/anime_lora", str(tmp_path / "out"))
+    )
+    path = tmp_path / "lora_scripts.yaml"
+    path.write_text(text + "max_steps: 2\n", encoding="utf-8")
+    completed = _run("train", str(path))
+    assert completed.returncode == 0, completed.stderr
+    lora_file = tmp_path / "out" / "star.safetensors"  # default name: the data folder's
+    assert f"wrote {lora_file}" in completed.stdout
+    with safe_open(str(lora_file), "pt") as handle:
+        metadata = handle.metadata()
+        down = handle.get_tensor(
+            "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
+        )
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("8", "16.0")
+    assert metadata["ss_learning_rate"] == "0.0002" and metadata["ss_steps"] == "2"
+    assert down.shape == (8, 32) and down.dtype == torch.float16

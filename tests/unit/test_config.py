@@ -7,23 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lora_scripts_example import LORA_SCRIPTS_EXAMPLE
 from sdtune import config as cfg
 from sdtune.config import ConfigError, load_config, parse_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-LORA_SCRIPTS_EXAMPLE = """\
-train_data_dir: "./data/anime_style"
-metadata_path: "./data/anime_style/metadata.csv"
-base_model: "./models/Stable-diffusion/v1-5-pruned.safetensors"
-lora_rank: 8
-lora_alpha: 16
-batch_size: 4
-epochs: 10
-learning_rate: 2e-4
-output_dir: "./output/anime_lora"
-save_steps: 100
-"""
 
 
 def _errors(raw: dict) -> list[str]:
