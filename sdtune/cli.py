@@ -8,6 +8,7 @@ import sys
 
 from sdtune import __version__
 from sdtune.config import ConfigError, load_config
+from sdtune.formats import FormatError
 from sdtune.models import PRESETS, ModelError
 
 EXIT_BAD_INPUT = 2
@@ -57,6 +58,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """`sdtune inspect FILE [--base MODEL]`: what a LoRA or embedding is, and whether it fits a base model."""
+    from sdtune import artifacts
+    from sdtune.models import load_base_model
+
+    artifact = artifacts.read_artifact(args.file)
+    print(artifacts.to_json(artifact) if args.json else artifacts.describe(artifact))
+    if not args.base:
+        return 0
+    _quiet_libraries()
+    problems = artifacts.fit_problems(artifact, load_base_model(args.base, args.base_config))
+    if problems:
+        print(f"does NOT fit {args.base}:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    what = "every key maps to a module of it with matching shapes" if artifact.kind == "lora" else "widths match"
+    print(f"fits {args.base}: {what}")
+    return 0
+
+
 def cmd_make_base(args: argparse.Namespace) -> int:
     """`sdtune make-base DIR [--checkpoint FILE]`: write a random-weight SD1-family base model offline."""
     import torch
@@ -85,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("config", help="YAML config file")
         sub.add_argument("overrides", nargs="*", help="key=value settings that override the file")
         sub.set_defaults(function=function)
+    sub = commands.add_parser("inspect", help="describe a LoRA or embedding file; check it against a base model")
+    sub.add_argument("file", help="LoRA (.safetensors, kohya or diffusers layout) or embedding (.safetensors / .pt)")
+    sub.add_argument("--base", help="base model (diffusers folder or checkpoint) to check the file against")
+    sub.add_argument("--base-config", help="for single-file bases with non-standard shapes: their config folder")
+    sub.add_argument("--json", action="store_true", help="print the summary as JSON")
+    sub.set_defaults(function=cmd_inspect)
     sub = commands.add_parser("make-base", help="write a random-weight SD1-family base model (offline)")
     sub.add_argument("folder", nargs="?", help="diffusers folder to write")
     sub.add_argument("--checkpoint", help="also write a single-file .safetensors checkpoint (original layout)")
@@ -104,6 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.function(args)
-    except (ConfigError, ModelError) as error:
+    except (ConfigError, ModelError, FormatError) as error:
         print(f"sdtune {args.command}: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -142,7 +142,7 @@ def test_readme_quickstart_command_runs_as_written(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
-    assert (tmp_path / "output" / "quickstart" / "star.safetensors").is_file()
+    assert (tmp_path / "output" / "quickstart_lora" / "star.safetensors").is_file()
 
 
 def test_validate_prints_the_step_arithmetic(tiny_base):
