@@ -252,3 +252,12 @@ def test_joint_ti_lora_writes_two_files_and_freezes_the_embedding(lora_config_di
     assert torch.equal(embeddings[1], embeddings[2]) and torch.equal(embeddings[2], embeddings[3])
     with safe_open(str(result.final_path), "pt") as handle:
         assert handle.metadata()["sdtune.companion_embedding"] == "star.safetensors"
+
+
+def test_injection_fails_loudly_when_targets_match_nothing(tiny_base):
+    base = models.load_base_model(tiny_base["folder"])
+    with pytest.raises(ValueError, match="no LoRA target modules were found"):
+        lora.inject(base.unet, {})
+    with pytest.raises(ValueError, match="LoRA targets not found in the UNet2DConditionModel: mid_block.nope"):
+        lora.inject(base.unet, {"mid_block.nope": (4, 4.0)})
+    assert lora.unet_targets(torch.nn.Sequential(torch.nn.Linear(2, 2)), "kohya", 4, 4.0, None) == {}
