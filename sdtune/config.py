@@ -172,6 +172,16 @@ class TrainConfig:
         None, "Also save every N optimizer steps (`<name>-step00000100.*`).", "output", 1
     )
     logging_dir: Optional[str] = _field(None, "TensorBoard folder; default `<output_dir>/logs`.", "output")
+    sample_prompts: tuple[str, ...] = _field(
+        (),
+        "Prompts rendered before training, with every save and at the end (`samples/` PNG grids, TensorBoard).",
+        "output",
+    )
+    sample_every_n_steps: Optional[int] = _field(
+        None, "Render the sample prompts every N steps too (default: only before, at saves, at the end).", "output", 1
+    )
+    sample_steps: int = _field(20, "Sampler steps for the samples (DPM-Solver++).", "output", 1)
+    sample_guidance_scale: float = _field(7.5, "Classifier-free guidance of the samples.", "output", 0)
 
     @property
     def uses_ti(self) -> bool:
@@ -284,13 +294,19 @@ def _expected_type(annotation) -> tuple[type, tuple | None, bool]:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         optional, hint = True, args[0]
     if typing.get_origin(hint) is tuple:
-        return tuple, typing.get_args(typing.get_args(hint)[0]), optional
+        element = typing.get_args(hint)[0]
+        return tuple, (typing.get_args(element) if typing.get_origin(element) is Literal else None), optional
     if typing.get_origin(hint) is Literal:
         return str, typing.get_args(hint), optional
     return hint, None, optional
 
 
-def _coerce_list(name: str, value, choices: tuple):
+def _coerce_list(name: str, value, choices: tuple | None):
+    if choices is None:  # a list of free text: one string is one item (prompts contain commas)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+            return None, f"{name}: expected a list of text items, got {value!r}."
+        return tuple(items), None
     items = [item.strip() for item in value.split(",")] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items:
         return None, f"{name}: expected a list such as [{', '.join(choices)}], got {value!r}."
@@ -470,6 +486,9 @@ def _cross_field_errors(config: TrainConfig, given: set[str]) -> list[str]:
         errors.append(f"resolution: must be a multiple of 8 (the VAE downsamples by 8), got {config.resolution}.")
     if config.output_name and re.search(r"[\\/:*?\"<>|]", config.output_name):
         errors.append(f"output_name: {config.output_name!r} contains characters not allowed in file names.")
+    if not config.sample_prompts:
+        for name in sorted(given & {"sample_every_n_steps", "sample_steps", "sample_guidance_scale"}):
+            errors.append(f"{name}: has no effect without sample_prompts; add prompts or remove it.")
     if "lr_warmup_steps" in given and config.lr_warmup_steps and config.lr_scheduler == "constant":
         errors.append("lr_warmup_steps: has no effect with lr_scheduler 'constant'; use 'constant_with_warmup'.")
     return errors
@@ -544,7 +563,7 @@ def config_reference() -> str:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(TrainConfig):
         base, choices, optional = _expected_type(f.name)
-        kind = " \\| ".join(choices) if choices else base.__name__
+        kind = " \\| ".join(choices) if choices else ("text" if base is tuple else base.__name__)
         kind = f"list of {kind}" if base is tuple else kind
         default = "—" if f.default is None else f"`{list(f.default) if isinstance(f.default, tuple) else f.default}`"
         lines.append(f"| `{f.name}` | {kind}{' or null' if optional else ''} | {default} | {f.metadata['doc']} |")

@@ -258,7 +258,7 @@ def detect_family(path: Path) -> str:
 
 
 def load_base_model(path: str | os.PathLike, config_dir: str | os.PathLike | None = None) -> BaseModel:
-    """Loads an SD base model from a diffusers folder or a single-file checkpoint, fully offline.
+    """Loads an SD base model from a diffusers folder or a single-file checkpoint, fully offline, in float32.
 
     Args:
         path: A diffusers folder (with `model_index.json`) or a `.safetensors` / `.ckpt` checkpoint in the original
@@ -302,9 +302,12 @@ def _load_folder_components(path: Path) -> dict:
     scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", ""), diffusers.DDPMScheduler)
     return {
         "tokenizer": CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
-        "text_encoder": CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True),
-        "unet": UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True),
-        "vae": AutoencoderKL.from_pretrained(path / "vae", local_files_only=True),
+        # float32 whatever the files hold (fp16 releases are common): training keeps full-precision weights.
+        "text_encoder": CLIPTextModel.from_pretrained(
+            path / "text_encoder", local_files_only=True, dtype=torch.float32
+        ),
+        "unet": UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True, torch_dtype=torch.float32),
+        "vae": AutoencoderKL.from_pretrained(path / "vae", local_files_only=True, torch_dtype=torch.float32),
         "scheduler_config": dict(scheduler_class.from_config(scheduler_config).config),
     }
 
@@ -313,7 +316,12 @@ def _load_single_file_components(path: Path, config_folder: Path) -> dict:
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_single_file(
-        str(path), config=str(config_folder), local_files_only=True, safety_checker=None, feature_extractor=None
+        str(path),
+        config=str(config_folder),
+        local_files_only=True,
+        safety_checker=None,
+        feature_extractor=None,
+        torch_dtype=torch.float32,
     )
     return {
         "tokenizer": pipeline.tokenizer,
@@ -553,8 +561,29 @@ def write_base_model(
         dtype: Dtype of the weights in the checkpoint file.
     """
     components = build_components(preset, seed)
+    # A checkpoint with SD1.5's shapes loads with the shipped config, like any real one; others carry theirs.
+    save_base_model(components, folder, checkpoint, dtype=dtype, embed_config=preset != "sd15")
+
+
+def save_base_model(
+    components: dict,
+    folder: str | os.PathLike | None,
+    checkpoint: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    embed_config: bool = True,
+) -> None:
+    """Saves SD1-family components as a diffusers folder and/or an original-layout single-file checkpoint.
+
+    Args:
+        components: `tokenizer`, `text_encoder`, `unet`, `vae`, `scheduler_config`, and `configs` (the component
+            configs as plain dicts, plus `model_index`).
+        folder: Diffusers folder to write (None: none).
+        checkpoint: `.safetensors` checkpoint to write (None: none).
+        dtype: Dtype of the saved weights (both outputs).
+        embed_config: Record the configs in the checkpoint's header, so it loads without a config folder.
+    """
     if folder is not None:
-        _write_folder(Path(folder), components)
+        _write_folder(Path(folder), components, dtype)
     if checkpoint is not None:
         state_dict = {
             **ldm_layout.unet_to_ldm(components["unet"].state_dict(), components["configs"]["unet"]),
@@ -562,8 +591,7 @@ def write_base_model(
             **ldm_layout.text_encoder_to_ldm(components["text_encoder"].state_dict()),
         }
         state_dict = {key: value.to(dtype).contiguous() for key, value in state_dict.items()}
-        # A checkpoint with SD1.5's shapes loads with the shipped config, like any real one; others carry theirs.
-        metadata = {} if preset == "sd15" else {EMBEDDED_CONFIG_KEY: json.dumps(components["configs"])}
+        metadata = {EMBEDDED_CONFIG_KEY: json.dumps(components["configs"])} if embed_config else {}
         path = Path(checkpoint)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(path.name + ".tmp")
@@ -571,12 +599,15 @@ def write_base_model(
         os.replace(temporary, path)
 
 
-def _write_folder(folder: Path, components: dict) -> None:
+def _write_folder(folder: Path, components: dict, dtype: torch.dtype) -> None:
+    import copy
+
     staging = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for name in ("unet", "vae", "text_encoder"):
-        components[name].save_pretrained(staging / name)
+        module = components[name] if dtype == torch.float32 else copy.deepcopy(components[name]).to(dtype)
+        module.save_pretrained(staging / name)
     components["tokenizer"].save_pretrained(staging / "tokenizer")
     (staging / "scheduler").mkdir()
     scheduler_text = json.dumps(components["scheduler_config"], indent=2)

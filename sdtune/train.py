@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sdtune import compat, data, diffusion, export, formats, models
+from sdtune import compat, data, diffusion, export, formats, inference, models
 from sdtune.config import ConfigError, TrainConfig, to_dict
 from sdtune.methods import lora, textual_inversion
 
@@ -331,6 +331,41 @@ def _save_outputs(run: Run, steps: int, final: bool) -> list[Path]:
     return written
 
 
+def _render_samples(run: Run, step: int, writer) -> Path | None:
+    """Renders `sample_prompts` with the current weights into `samples/step<N>.png` and TensorBoard.
+
+    Fixed seeds (`seed + prompt index`) make grids of different steps comparable; torch's global random state is
+    saved and restored, so sampling never changes the training run.
+    """
+    config, base = run.config, run.base
+    if not config.sample_prompts or not run.accelerator.is_main_process:
+        return None
+    modes = [(module, module.training) for module in (base.unet, base.text_encoder)]
+    with torch.random.fork_rng(devices=[]):
+        for module, _ in modes:
+            module.eval()
+        pipe = inference.pipeline_from_components(
+            base.tokenizer, base.text_encoder, base.unet, base.vae, base.scheduler_config
+        ).to(run.accelerator.device)
+        images = inference.generate(
+            pipe,
+            list(config.sample_prompts),
+            config.seed,
+            config.resolution,
+            config.sample_steps,
+            config.sample_guidance_scale,
+        )
+    for module, training in modes:
+        module.train(training)
+    grid = inference.image_grid(images, columns=min(4, len(images)), scale=max(1, 128 // config.resolution))
+    path = inference.save_png(grid, Path(config.output_dir) / "samples" / f"step{step:08d}.png")
+    if writer is not None:
+        import numpy as np
+
+        writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+    return path
+
+
 def _stop_embedding_if_due(run: Run, step: int) -> None:
     """ti+lora: after `embedding_train_fraction` of the steps the vectors freeze; the LoRA keeps training."""
     fraction = run.config.embedding_train_fraction
@@ -370,6 +405,7 @@ def fit(run: Run) -> TrainResult:
     result = TrainResult(final_path=Path(config.output_dir) / f"{config.effective_output_name}.safetensors")
     writer = _writer(config) if accelerator.is_main_process else None
     progress = tqdm(total=total_steps, desc="train", unit="step", disable=not accelerator.is_main_process)
+    _render_samples(run, 0, writer)
     started = time.perf_counter()
     for batch in _batches(run):
         with accelerator.accumulate(run.unet, run.text_encoder):
@@ -393,11 +429,15 @@ def fit(run: Run) -> TrainResult:
         is_save_step = config.save_steps and result.steps % config.save_steps == 0
         if accelerator.is_main_process and is_save_step and result.steps < total_steps:
             result.saved_paths += _save_outputs(run, result.steps, final=False)
+        every = config.sample_every_n_steps
+        if (is_save_step or (every and result.steps % every == 0)) and result.steps < total_steps:
+            _render_samples(run, result.steps, writer)
         if result.steps >= total_steps:
             break
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         result.saved_paths += _save_outputs(run, result.steps, final=True)
+        _render_samples(run, result.steps, writer)
         writer.close()
     return result

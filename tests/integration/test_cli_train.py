@@ -212,3 +212,22 @@ def test_lora_scripts_yaml_trains_with_only_base_data_and_steps(tiny_base, tmp_p
     assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("8", "16.0")
     assert metadata["ss_learning_rate"] == "0.0002" and metadata["ss_steps"] == "2"
     assert down.shape == (8, 32) and down.dtype == torch.float16
+
+
+def test_sample_prompts_render_before_during_and_after_training(ti_config_dict, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prompts = ["a red <star> on a blue background", "a red <star>, on white"]
+    config = parse_config(
+        {**ti_config_dict, "max_steps": 4, "save_steps": 2, "sample_prompts": prompts, "sample_steps": 3}
+    )
+    train(config)
+    samples = Path(config.output_dir) / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["step00000000.png", "step00000002.png", "step00000004.png"]
+    from PIL import Image
+
+    with Image.open(samples / "step00000004.png") as grid:
+        assert grid.size == (2 * 128, 128)  # two 32 px samples, upscaled to 128 px, side by side
+    events = EventAccumulator(str(Path(config.output_dir) / "logs"), size_guidance={"images": 0})
+    events.Reload()
+    assert [event.step for event in events.Images("samples")] == [0, 2, 4]

@@ -161,3 +161,18 @@ def test_every_shipped_config_is_valid(path, tiny_base, monkeypatch):
             assert "#" in line, f"{path.name}: every key has a comment: {line!r}"
     config = load_config(path, [f"base_model={tiny_base['folder']}"])
     assert preflight(config)
+
+
+def test_text_lists_and_sample_settings():
+    config = parse_config(
+        {
+            "base_model": "m",
+            "train_data_dir": "d",
+            "sample_prompts": "a cat, sitting",
+            "export_formats": "kohya,diffusers",
+        }
+    )
+    assert config.sample_prompts == ("a cat, sitting",) and config.export_formats == ("kohya", "diffusers")
+    errors = _errors({"base_model": "m", "train_data_dir": "d", "sample_steps": 5, "export_formats": ["onnx"]})
+    assert "sample_steps: has no effect without sample_prompts; add prompts or remove it." in errors
+    assert "export_formats: 'onnx' is not one of 'kohya', 'diffusers'." in errors

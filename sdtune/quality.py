@@ -1,0 +1,99 @@
+"""Generating and scoring images of the synthetic world (see `world.py`): what the quality benchmark and the
+pretraining script measure with. Fixed seeds throughout, so equal weights give equal scores."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from sdtune import inference, world
+
+SAMPLER_STEPS = 20
+GUIDANCE = 3.0
+
+
+def world_pipeline(tokenizer, text_encoder, unet, vae, scheduler_config: dict):
+    """A pipeline over the components with DPM-Solver++ (the sampler the world is scored with)."""
+    return inference.pipeline_from_components(tokenizer, text_encoder, unet, vae, scheduler_config, "dpmpp_2m")
+
+
+def generate(pipe, prompts: list[str], seed: int = 0) -> list[Image.Image]:
+    """One 32x32 image per prompt at the world's sampler settings; prompt `i` uses seed `seed + i`."""
+    return inference.generate(pipe, prompts, seed, world.SIZE, SAMPLER_STEPS, GUIDANCE, batch_size=64)
+
+
+def evaluate(pipe, scenes: list[world.Scene], prompts: list[str] | None = None, seed: int = 0) -> dict[str, float]:
+    """Scores of images generated for `scenes` (from their captions unless `prompts` are given)."""
+    prompts = prompts if prompts is not None else [scene.caption() for scene in scenes]
+    return world.score(generate(pipe, prompts, seed), scenes)
+
+
+def save_grid(images: list[Image.Image], path: Path, columns: int = 8, scale: int = 3) -> Path:
+    """Writes images as a grid PNG, upscaled so 32x32 images are visible."""
+    return inference.save_png(inference.image_grid(images, columns, scale), path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Personalization concepts and what is measured about them
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A concept to personalize: a `color` `shape` named by a one-token `placeholder`."""
+
+    name: str
+    shape: str
+    color: str
+    placeholder: str
+    init_word: str
+
+
+CONCEPTS = (
+    Concept("red_star", "star", "red", "<star>", "diamond"),  # outside the base's span: a shape it never saw
+    Concept("purple_triangle", "triangle", "purple", "<ptri>", "triangle"),  # inside: known shape and colour
+)
+TRAIN_BACKGROUNDS = {
+    "red_star": ("blue", "green", "yellow", "white"),
+    "purple_triangle": ("blue", "green", "white", "orange"),
+}
+SEEDS_PER_BACKGROUND = 4
+
+
+def concept_by_name(name: str) -> Concept:
+    """The concept called `name`."""
+    return next(concept for concept in CONCEPTS if concept.name == name)
+
+
+def unseen_backgrounds(concept: Concept) -> tuple[str, ...]:
+    """Backgrounds the concept's training images do not show (for editability)."""
+    return tuple(b for b in world.COLORS if b != concept.color and b not in TRAIN_BACKGROUNDS[concept.name])
+
+
+def concept_scenes(concept: Concept, backgrounds) -> tuple[list[world.Scene], list[str]]:
+    """(scenes, prompts): the concept on each background, `SEEDS_PER_BACKGROUND` times."""
+    scenes = [world.Scene(concept.shape, concept.color, b) for b in backgrounds for _ in range(SEEDS_PER_BACKGROUND)]
+    return scenes, [f"a {concept.placeholder} on a {scene.background} background" for scene in scenes]
+
+
+def prior_scenes(count: int = 48, seed: int = 0) -> list[world.Scene]:
+    """Base prompts that personalization must not break: `count` held-in scenes plus every unseen combination."""
+    held_in, unseen = world.split_scenes()
+    return random.Random(seed).sample(held_in, count) + unseen
+
+
+def measure(pipe, concept: Concept, seed: int = 0) -> tuple[dict[str, float], list[Image.Image]]:
+    """Fidelity (concept on training backgrounds), editability (on unseen ones) and prior preservation (base
+    prompts), as fractions of fully correct images; plus the concept images (training, then unseen backgrounds)."""
+    fidelity_scenes, fidelity_prompts = concept_scenes(concept, TRAIN_BACKGROUNDS[concept.name])
+    edit_scenes, edit_prompts = concept_scenes(concept, unseen_backgrounds(concept))
+    images = generate(pipe, fidelity_prompts + edit_prompts, seed)
+    split = len(fidelity_prompts)
+    prior = prior_scenes()
+    return {
+        "fidelity": world.score(images[:split], fidelity_scenes)["all"],
+        "editability": world.score(images[split:], edit_scenes)["all"],
+        "prior": evaluate(pipe, prior, seed=seed + 5000)["all"],
+    }, images

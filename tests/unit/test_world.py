@@ -1,0 +1,56 @@
+"""The world metric: ground truth scores 1.0, mismatched targets score chance, small noise changes nothing."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from sdtune import world
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    rng = random.Random(0)
+    scenes = world.all_scenes(world.ALL_SHAPES)
+    return scenes, [world.render_jittered(scene, rng) for scene in scenes]
+
+
+def test_ground_truth_scores_one(rendered):
+    scenes, images = rendered
+    assert world.score(images, scenes) == {"shape": 1.0, "color": 1.0, "background": 1.0, "all": 1.0}
+
+
+def test_mismatched_targets_score_chance(rendered):
+    scenes, images = rendered
+    shuffled = list(scenes)
+    random.Random(1).shuffle(shuffled)
+    scores = world.score(images, shuffled)
+    assert scores["shape"] < 0.25 and scores["color"] < 0.25 and scores["background"] < 0.25  # chance: 1/7, 1/8
+    assert scores["all"] < 0.02
+
+
+def test_small_noise_and_blur_change_nothing(rendered):
+    from PIL import ImageFilter
+
+    scenes, images = rendered
+    noise = np.random.default_rng(0)
+    noisy = [np.clip(np.asarray(im, dtype=np.float32) + noise.normal(0, 12, (32, 32, 3)), 0, 255) for im in images]
+    assert world.score(noisy, scenes)["all"] >= 0.99
+    blurred = [im.filter(ImageFilter.GaussianBlur(0.6)) for im in images]
+    assert world.score(blurred, scenes)["all"] >= 0.97
+
+
+def test_blank_image_reads_no_shape():
+    blank = np.full((32, 32, 3), world.COLORS["blue"], dtype=np.float32)
+    reading = world.read_image(blank)
+    assert (reading.shape, reading.color, reading.background) == (None, None, "blue")
+
+
+def test_split_is_fixed_and_excludes_concepts():
+    held_in, unseen = world.split_scenes()
+    assert (len(held_in), len(unseen)) == (252, 28)
+    assert not set(held_in) & set(unseen)
+    assert all(scene.shape in world.PRETRAIN_SHAPES for scene in held_in + unseen)
+    assert world.split_scenes() == (held_in, unseen)

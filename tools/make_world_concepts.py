@@ -1,0 +1,42 @@
+"""Writes the personalization concepts of the synthetic world into sample_data/world/ (8 images + metadata.csv each).
+
+    python tools/make_world_concepts.py
+
+- `red_star`: a shape the base model never saw (outside its span: LoRA territory, TI's negative control).
+- `purple_triangle`: a shape and colour it knows, as one new word (inside its span: TI can learn it).
+Captions name the concept with a one-token placeholder, `a <star> on a blue background`. Training backgrounds are
+`sdtune.quality.TRAIN_BACKGROUNDS`; the others are kept for measuring editability.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+from sdtune import quality, world
+
+ROOT = Path(__file__).resolve().parent.parent / "sample_data" / "world"
+
+
+def write_concept(concept: quality.Concept, per_background: int = 2, seed: int = 0) -> Path:
+    """Renders `per_background` jittered images on each training background and writes metadata.csv."""
+    folder = ROOT / concept.name
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, rows = random.Random(seed), []
+    for background in quality.TRAIN_BACKGROUNDS[concept.name]:
+        for index in range(per_background):
+            image = world.render_jittered(world.Scene(concept.shape, concept.color, background), rng)
+            file_name = f"{concept.name}_{background}_{index}.png"
+            image.save(folder / file_name)
+            rows.append({"file_name": file_name, "text": f"a {concept.placeholder} on a {background} background"})
+    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file_name", "text"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+if __name__ == "__main__":
+    for concept in quality.CONCEPTS:
+        print(f"wrote {write_concept(concept)}")

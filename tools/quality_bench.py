@@ -1,0 +1,145 @@
+"""Personalization quality benchmark on the synthetic world: TI vs LoRA vs TI+LoRA, on two concepts.
+
+    python tools/quality_bench.py --out docs/quality
+
+Each method trains through the normal `sdtune train` command with its shipped config (`configs/world_<method>.yaml`),
+then the outputs are loaded with diffusers' own loaders and scored with the world metric (`sdtune.world`):
+- fidelity: `a <concept> on a <background> background` on the training backgrounds,
+- editability: the same prompt on backgrounds no training image shows,
+- prior: base prompts (held-in and unseen combinations) that the personalization must not break.
+Writes `<out>/quality.json`, `<out>/quality.md` (the table) and one grid per method and concept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sdtune import quality
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("ti", "lora", "ti+lora")
+
+
+def _config_path(method: str) -> Path:
+    return REPO_ROOT / "configs" / f"world_{method.replace('+', '_')}.yaml"
+
+
+def train_method(method: str, concept: quality.Concept, out: Path, base: Path, max_steps: int | None) -> dict:
+    """Runs `sdtune train` for one method and concept; returns its output folder, CPU seconds and wall seconds."""
+    overrides = [
+        f"base_model={base}",
+        f"train_data_dir={REPO_ROOT / 'sample_data' / 'world' / concept.name}",
+        f"output_dir={out}",
+    ]
+    if method != "lora":
+        overrides += [f"placeholder_token={concept.placeholder}", f"init_word={concept.init_word}"]
+    if max_steps:
+        overrides.append(f"max_steps={max_steps}")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "sdtune", "train", str(_config_path(method)), *overrides]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"sdtune train failed for {method} on {concept.name}:\n{completed.stderr[-3000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"cpu_seconds": round(cpu, 1), "wall_seconds": round(time.perf_counter() - started, 1)}
+
+
+def load_pipeline(base: Path, folder: Path | None, concept: quality.Concept, method: str | None):
+    """The base model as a pipeline, with the method's embedding and/or LoRA loaded by diffusers' own loaders."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        base, torch_dtype=torch.float32, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if method in ("ti", "ti+lora"):
+        stem = concept.placeholder.strip("<>")
+        pipe.load_textual_inversion(str(folder / f"{stem}.safetensors"), token=concept.placeholder)
+    if method in ("lora", "ti+lora"):
+        name = f"{concept.placeholder.strip('<>')}_lora" if method == "ti+lora" else concept.name
+        pipe.load_lora_weights(str(folder / f"{name}.safetensors"))
+    return pipe
+
+
+def _file_stats(folder: Path | None) -> dict:
+    if folder is None:
+        return {"trainable_parameters": 0, "file_bytes": 0}
+    from safetensors.torch import load_file
+
+    files = [p for p in folder.glob("*.safetensors") if "-step" not in p.name]
+    parameters = sum(v.numel() for p in files for k, v in load_file(str(p)).items() if not k.endswith(".alpha"))
+    return {"trainable_parameters": parameters, "file_bytes": sum(p.stat().st_size for p in files)}
+
+
+def run_one(method: str | None, concept: quality.Concept, args) -> dict:
+    """Trains (unless `method` is None: the untrained baseline), measures and writes the grid of one row."""
+    folder, timing = None, {"cpu_seconds": 0.0, "wall_seconds": 0.0}
+    if method is not None:
+        folder = args.work / f"{concept.name}-{method.replace('+', '_')}"
+        timing = train_method(method, concept, folder, args.base, args.max_steps)
+    scores, images = quality.measure(load_pipeline(args.base, folder, concept, method), concept)
+    label = method or "untrained"
+    quality.save_grid(images, args.out / f"{concept.name}-{label.replace('+', '_')}.png", columns=16)
+    steps = 0 if method is None else args.max_steps or _configured_steps(method)
+    return {"concept": concept.name, "method": label, "steps": steps, **scores, **timing, **_file_stats(folder)}
+
+
+def _configured_steps(method: str | None) -> int:
+    if method is None:
+        return 0
+    import yaml
+
+    return int(yaml.safe_load(_config_path(method).read_text(encoding="utf-8"))["max_steps"])
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The results as a Markdown table."""
+    lines = [
+        "| concept | method | steps | fidelity | editability | prior | CPU s | trainable params | file size |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['concept']} | {r['method']} | {r['steps']} | {r['fidelity']:.2f} | {r['editability']:.2f} | "
+            f"{r['prior']:.2f} | {r['cpu_seconds']:.0f} | {r['trainable_parameters']:,} | "
+            f"{r['file_bytes'] / 1024:.0f} KiB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Runs every (concept, method) pair plus the untrained baseline and writes the results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", type=Path, default=REPO_ROOT / "sample_data" / "world-sd1")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "quality")
+    parser.add_argument("--work", type=Path, default=REPO_ROOT / "output" / "quality_bench")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of ti,lora,ti+lora")
+    parser.add_argument("--concepts", default=",".join(c.name for c in quality.CONCEPTS))
+    parser.add_argument("--max-steps", type=int, help="override every config's max_steps (quick runs)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for concept in map(quality.concept_by_name, args.concepts.split(",")):
+        for method in [None, *args.methods.split(",")]:
+            rows.append(run_one(method, concept, args))
+            print(json.dumps(rows[-1]), flush=True)
+    (args.out / "quality.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    (args.out / "quality.md").write_text(markdown_table(rows), encoding="utf-8")
+    print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()
