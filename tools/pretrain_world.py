@@ -7,8 +7,7 @@ Deterministic for the same arguments and thread count. Stages:
    kept unseen; star and heart never appear).
 2. Train the VAE (one 2x downsample: 32x32x3 -> 16x16x4) on reconstruction with a small KL term.
 3. Train UNet and CLIP text encoder jointly on the latents (epsilon objective, AdamW, EMA of the weights, 10% empty
-   captions). Captions vary their wording and length, and sometimes leave the colour out, so that word roles come
-   from the words rather than from token positions: a one-token placeholder then still reads right.
+   captions, 15% without the colour word so that a one-token placeholder caption still reads right).
 4. Score the EMA model with the world metric (DPM-Solver++ 20 steps, guidance 3) and save it (fp16) as a diffusers
    folder, an original-layout single-file checkpoint, and a model card with the scores.
 """
@@ -27,15 +26,8 @@ import torch.nn.functional as F
 
 from sdtune import models, quality, world
 
-CAPTION_TEMPLATES = (
-    "a {color} {shape} on a {background} background",
-    "{color} {shape} on a {background} background",
-    "a photo of a {color} {shape} on a {background} background",
-    "an image of a {color} {shape} on a {background} background",
-    "a {color} {shape}, {background} background",
-    "a picture of a small {color} {shape} on a {background} background",
-)
-NO_COLOR_TEMPLATES = ("a {shape} on a {background} background", "{shape} on a {background} background")
+CAPTION_TEMPLATE = "a {color} {shape} on a {background} background"
+NO_COLOR_TEMPLATE = "a {shape} on a {background} background"
 UNET_CONFIG = {
     "_class_name": "UNet2DConditionModel",
     "sample_size": 16,
@@ -116,12 +108,18 @@ def train_vae(pixels: torch.Tensor, steps: int, seed: int):
 
 
 def caption_for(scene: world.Scene, rng: random.Random) -> str:
-    """A caption in varied wording: 10% empty, 15% without the colour word, the rest from CAPTION_TEMPLATES."""
+    """10% empty (for classifier-free guidance), 15% without the colour word, the rest the canonical caption.
+
+    The colour-less form `a circle on a blue background` has exactly the shape of a personalization caption with a
+    one-token placeholder (`a <star> on a blue background`), so such a caption reads right before any training. A
+    first run with six varied wordings learned shapes but not which colour word is the object's and which the
+    background's within 3,000 steps (13% fully correct).
+    """
     draw = rng.random()
     if draw < 0.10:
         return ""
-    templates = NO_COLOR_TEMPLATES if draw < 0.25 else CAPTION_TEMPLATES
-    return rng.choice(templates).format(color=scene.color, shape=scene.shape, background=scene.background)
+    template = NO_COLOR_TEMPLATE if draw < 0.25 else CAPTION_TEMPLATE
+    return template.format(color=scene.color, shape=scene.shape, background=scene.background)
 
 
 def _ema_update(ema: list[torch.Tensor], params: list[torch.nn.Parameter], decay: float) -> None:
