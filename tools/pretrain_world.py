@@ -196,10 +196,11 @@ def _score_table(scores: dict) -> str:
 
 def model_card(args, scores: dict, seconds: float) -> str:
     """The README of the saved model: what it is, how it was made, how well it draws."""
+    vae_note = f" --vae-from {args.vae_from}" if getattr(args, "vae_from", None) else ""
     return f"""# world-sd1: a small Stable Diffusion 1.x-architecture model of a synthetic world
 
 Made by `python tools/pretrain_world.py --out {args.out} --steps {args.steps} --vae-steps {args.vae_steps}
---batch {args.batch} --lr {args.lr} --ema {args.ema} --seed {args.seed} --threads {args.threads}` in
+--batch {args.batch} --lr {args.lr} --ema {args.ema} --seed {args.seed} --threads {args.threads}{vae_note}` in
 {seconds / 60:.0f} CPU minutes. It knows 32x32 images of one flat shape ({", ".join(world.PRETRAIN_SHAPES)}) in one of
 8 colours ({", ".join(world.COLORS)}) on another as background, captioned like `a red circle on a blue background`.
 10% of the (shape, colour, background) triples were never trained on; `star` and `heart` never appear: they are the
@@ -227,12 +228,24 @@ def main() -> None:
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="1 was faster and steadier than 2 on a 2-core machine")
+    parser.add_argument(
+        "--vae-from", type=Path, help="reuse the VAE of an earlier run's output folder (skips stage 2)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     held_in, unseen = world.split_scenes(seed=args.seed)
     pixels, labels = render_dataset(held_in, per_scene=16, seed=args.seed)
-    vae = train_vae(pixels, args.vae_steps, args.seed)
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = (
+            AutoencoderKL.from_pretrained(args.vae_from / "vae", torch_dtype=torch.float32)
+            .eval()
+            .requires_grad_(False)
+        )
+    else:
+        vae = train_vae(pixels, args.vae_steps, args.seed)
     with torch.no_grad():
         dists = [vae.encode(pixels[i : i + 256]).latent_dist for i in range(0, len(pixels), 256)]
     latent_dists = (torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists]))
