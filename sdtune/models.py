@@ -591,7 +591,8 @@ def save_base_model(
             **ldm_layout.text_encoder_to_ldm(components["text_encoder"].state_dict()),
         }
         state_dict = {key: value.to(dtype).contiguous() for key, value in state_dict.items()}
-        metadata = {EMBEDDED_CONFIG_KEY: json.dumps(components["configs"])} if embed_config else {}
+        # default=str: configs of loaded models carry paths (`_name_or_path`), which JSON cannot hold as they are.
+        metadata = {EMBEDDED_CONFIG_KEY: json.dumps(components["configs"], default=str)} if embed_config else {}
         path = Path(checkpoint)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(path.name + ".tmp")
