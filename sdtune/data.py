@@ -209,3 +209,13 @@ def dataset_summary(config: TrainConfig, examples: list[Example]) -> dict:
         "tag_frequency": {name: tag_frequency(examples)},
         "num_images": len(examples),
     }
+
+
+def write_metadata(folder: Path, rows: list[dict[str, str]], caption_column: str = "text") -> Path:
+    """Writes `folder/metadata.csv` (`file_name,<caption_column>`) from rows of those two keys."""
+    path = folder / "metadata.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file_name", caption_column])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

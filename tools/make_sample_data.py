@@ -6,11 +6,12 @@ The images are the quickstart's default dataset. They are drawn, not downloaded,
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from sdtune import data
 
 BACKGROUNDS = {
     "blue": (40, 70, 200),
@@ -52,10 +53,7 @@ def main(folder: Path = DEFAULT_FOLDER) -> None:
         file_name = f"star_{index:02d}_{name}.png"
         image.save(folder / file_name)
         rows.append({"file_name": file_name, "text": f"a red <star> on a {name} background"})
-    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["file_name", "text"])
-        writer.writeheader()
-        writer.writerows(rows)
+    data.write_metadata(folder, rows)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ Captions name the concept with a one-token placeholder, `a <star> on a blue back
 
 from __future__ import annotations
 
-import csv
 import random
 from pathlib import Path
 
-from sdtune import quality, world
+from sdtune import data, quality, world
 
 ROOT = Path(__file__).resolve().parent.parent / "sample_data" / "world"
 
@@ -30,10 +29,7 @@ def write_concept(concept: quality.Concept, per_background: int = 2, seed: int =
             file_name = f"{concept.name}_{background}_{index}.png"
             image.save(folder / file_name)
             rows.append({"file_name": file_name, "text": f"a {concept.placeholder} on a {background} background"})
-    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["file_name", "text"])
-        writer.writeheader()
-        writer.writerows(rows)
+    data.write_metadata(folder, rows)
     return folder
 
 

@@ -53,22 +53,7 @@ VAE_CONFIG = {
     "latent_channels": 4,
     "norm_num_groups": 32,
 }
-TEXT_CONFIG = {
-    "architectures": ["CLIPTextModel"],
-    "model_type": "clip_text_model",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_attention_heads": 4,
-    "num_hidden_layers": 2,
-    "hidden_act": "quick_gelu",
-    "vocab_size": 49408,
-    "max_position_embeddings": 77,
-    "projection_dim": 32,
-    "bos_token_id": 49406,
-    "eos_token_id": 49407,
-    "pad_token_id": 49407,
-    "layer_norm_eps": 1e-05,
-}
+TEXT_CONFIG = {**models.TINY_CONFIGS["text_encoder"], "intermediate_size": 64, "num_hidden_layers": 2}
 
 
 def render_dataset(scenes: list[world.Scene], per_scene: int, seed: int) -> tuple[torch.Tensor, list[world.Scene]]:
