@@ -29,17 +29,12 @@ from sdtune import models, quality, world
 CAPTION_TEMPLATE = "a {color} {shape} on a {background} background"
 NO_COLOR_TEMPLATE = "a {shape} on a {background} background"
 UNET_CONFIG = {
-    "_class_name": "UNet2DConditionModel",
+    **models.TINY_CONFIGS["unet"],
     "sample_size": 16,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": [32, 64],
     "layers_per_block": 1,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": 32,
     "attention_head_dim": 4,
-    "norm_num_groups": 32,
 }
 VAE_CONFIG = {
     "_class_name": "AutoencoderKL",
