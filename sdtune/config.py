@@ -89,8 +89,11 @@ class TrainConfig:
         0,
         True,
     )
-    lora_targets: Optional[Literal["kohya", "attention"]] = _field(
-        None, "LoRA: `kohya` (all Linear/1x1 layers of the transformer blocks; default) or `attention` only.", "method"
+    lora_targets: Optional[Literal["kohya", "attention", "cross_attention"]] = _field(
+        None,
+        "LoRA: `kohya` (all Linear/1x1 layers of the transformer blocks; default), `attention` (self- and "
+        "cross-attention projections) or `cross_attention` (the UNet's text-reading attention only; least drift).",
+        "method",
     )
     conv_rank: Optional[int] = _field(
         None, "LoRA: also adapt ResNet/down/upsampling 3x3 convs at this rank (LoCon; kohya `conv_dim`).", "method", 1
@@ -104,6 +107,18 @@ class TrainConfig:
     )
     network_weights: Optional[str] = _field(
         None, "LoRA: continue from this kohya-format LoRA file; rank, alpha and modules come from it.", "method"
+    )
+    prior_preservation_prompts: tuple[str, ...] = _field(
+        (),
+        "LoRA: prompts whose results must not change (e.g. `a photo of a dog`). Each step also pulls the LoRA "
+        "model's prediction for them towards the base model's (adapters off) on the same noisy latents.",
+        "method",
+    )
+    prior_loss_weight: Optional[float] = _field(
+        None,
+        "LoRA: weight of the prior-preservation loss (default 1.0; needs prior_preservation_prompts).",
+        "method",
+        0,
     )
     # --- model
     base_model: Optional[str] = _field(
@@ -144,6 +159,13 @@ class TrainConfig:
     lr_scheduler: Literal[LR_SCHEDULERS] = _field("constant", "Learning-rate schedule after warm-up.", "optim")
     lr_warmup_steps: int = _field(0, "Optimizer steps of linear warm-up from 0 to `learning_rate`.", "optim", 0)
     adam_weight_decay: float = _field(1e-2, "AdamW weight decay.", "optim", 0)
+    noise_offset: float = _field(
+        0.0,
+        "Add this x a per-image, per-channel constant to the noise (kohya `noise_offset`; 0.05-0.1 helps flat, very "
+        "dark or bright images). Use what the base model was trained with.",
+        "optim",
+        0,
+    )
     batch_size: int = _field(1, "Images per forward pass.", "optim", 1)
     gradient_accumulation_steps: int = _field(
         1, "Forward passes per optimizer step; effective batch = batch_size x this.", "optim", 1
@@ -232,6 +254,11 @@ class TrainConfig:
     def effective_lora_alpha(self) -> float:
         """`lora_alpha`, default = the rank (scale 1)."""
         return self.lora_alpha if self.lora_alpha is not None else float(self.effective_lora_rank)
+
+    @property
+    def effective_prior_loss_weight(self) -> float:
+        """`prior_loss_weight`, default 1.0."""
+        return 1.0 if self.prior_loss_weight is None else self.prior_loss_weight
 
     @property
     def conv(self) -> tuple[int, float] | None:
@@ -440,6 +467,8 @@ _LORA_ONLY = {
     "text_encoder_lr",
     "save_precision",
     "export_formats",
+    "prior_preservation_prompts",
+    "prior_loss_weight",
 }
 
 
@@ -473,6 +502,13 @@ def _cross_field_errors(config: TrainConfig, given: set[str]) -> list[str]:
             )
     if config.uses_lora and config.train_unet is False and config.train_text_encoder is False:
         errors.append("train_unet, train_text_encoder: both false leaves no LoRA to train; set one to true.")
+    if config.prior_loss_weight is not None and not config.prior_preservation_prompts:
+        errors.append("prior_loss_weight: has no effect without prior_preservation_prompts; add prompts or remove it.")
+    if config.placeholder_token and any(config.placeholder_token in p for p in config.prior_preservation_prompts):
+        errors.append(
+            f"prior_preservation_prompts: they must describe what stays unchanged, but one contains the placeholder "
+            f"{config.placeholder_token!r}; use the class instead (e.g. 'a photo of a dog')."
+        )
     if config.conv_alpha is not None and config.conv_rank is None:
         errors.append("conv_alpha: has no effect without conv_rank; set conv_rank to train LoCon convs.")
     if config.embedding_train_fraction is not None and config.embedding_train_fraction > 1:

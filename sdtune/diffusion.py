@@ -11,6 +11,18 @@ def sample_timesteps(batch_size: int, num_train_timesteps: int, device: torch.de
     return torch.randint(0, num_train_timesteps, (batch_size,), device=device, dtype=torch.long)
 
 
+def sample_noise(latents: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise like `latents`, plus `offset` x a per-image, per-channel constant when `offset` > 0.
+
+    The offset ("Diffusion with Offset Noise", Crosslabs 2023; kohya `noise_offset`) lets a model change an image's
+    mean colour, which plain noise at SD's last timestep barely allows.
+    """
+    noise = torch.randn_like(latents)
+    if offset:
+        noise = noise + offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
+    return noise
+
+
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet should predict: the noise (`epsilon`) or the velocity `v = sqrt(a)*eps - sqrt(1-a)*x0`.
 

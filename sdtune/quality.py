@@ -62,6 +62,38 @@ TRAIN_BACKGROUNDS = {
 SEEDS_PER_BACKGROUND = 4
 
 
+def load_pipeline(base: Path, folder: Path | None, concept: Concept, method: str | None):
+    """The base model as a pipeline, with the embedding and/or LoRA that `method` wrote to `folder` (under the
+    world configs' file names) loaded by diffusers' own loaders; `method` None gives the base alone."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        base, torch_dtype=torch.float32, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if method in ("ti", "ti+lora"):
+        stem = concept.placeholder.strip("<>")
+        pipe.load_textual_inversion(str(folder / f"{stem}.safetensors"), token=concept.placeholder)
+    if method in ("lora", "ti+lora"):
+        name = f"{concept.placeholder.strip('<>')}_lora" if method == "ti+lora" else concept.name
+        pipe.load_lora_weights(str(folder / f"{name}.safetensors"))
+    return pipe
+
+
+def train_overrides(
+    method: str, concept: Concept, base: Path, data_dir: Path, out: Path, max_steps: int | None = None
+) -> list[str]:
+    """`key=value` overrides that point a world config (`configs/world_<method>.yaml`) at a concept's images."""
+    overrides = [f"base_model={base}", f"train_data_dir={data_dir / concept.name}", f"output_dir={out}"]
+    if method != "lora":
+        overrides += [f"placeholder_token={concept.placeholder}", f"init_word={concept.init_word}"]
+    if max_steps:
+        overrides.append(f"max_steps={max_steps}")
+    return overrides
+
+
 def concept_by_name(name: str) -> Concept:
     """The concept called `name`."""
     return next(concept for concept in CONCEPTS if concept.name == name)
@@ -84,16 +116,23 @@ def prior_scenes(count: int = 48, seed: int = 0) -> list[world.Scene]:
     return random.Random(seed).sample(held_in, count) + unseen
 
 
-def measure(pipe, concept: Concept, seed: int = 0) -> tuple[dict[str, float], list[Image.Image]]:
-    """Fidelity (concept on training backgrounds), editability (on unseen ones) and prior preservation (base
-    prompts), as fractions of fully correct images; plus the concept images (training, then unseen backgrounds)."""
+def measure(pipe, concept: Concept, seed: int = 0, prior: bool = True) -> tuple[dict[str, float], list[Image.Image]]:
+    """Fidelity (concept on training backgrounds), editability (on unseen ones) and, unless `prior` is False, prior
+    preservation (base prompts), as fractions of fully correct images; plus the concept images (training, then
+    unseen backgrounds)."""
     fidelity_scenes, fidelity_prompts = concept_scenes(concept, TRAIN_BACKGROUNDS[concept.name])
     edit_scenes, edit_prompts = concept_scenes(concept, unseen_backgrounds(concept))
     images = generate(pipe, fidelity_prompts + edit_prompts, seed)
     split = len(fidelity_prompts)
-    prior = prior_scenes()
-    return {
+    scores = {
         "fidelity": world.score(images[:split], fidelity_scenes)["all"],
         "editability": world.score(images[split:], edit_scenes)["all"],
-        "prior": evaluate(pipe, prior, seed=seed + 5000)["all"],
-    }, images
+    }
+    if prior:
+        scores["prior"] = prior_score(pipe, seed)
+    return scores, images
+
+
+def prior_score(pipe, seed: int = 0) -> float:
+    """Fraction of the `prior_scenes` base prompts drawn fully right (the same prompts and seeds for every concept)."""
+    return evaluate(pipe, prior_scenes(), seed=seed + 5000)["all"]

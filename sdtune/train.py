@@ -106,18 +106,37 @@ def _encode_prompts(tokenizer, text_encoder, captions: list[str], device: torch.
 
 
 def _loss(batch: dict, run: Run, captions: list[str]) -> torch.Tensor:
-    """Denoising loss of one batch: encode images, add noise at random timesteps, predict, compare."""
-    device, scheduler = run.accelerator.device, run.noise_scheduler
+    """Denoising loss of one batch: encode images, add noise at random timesteps, predict, compare; plus the
+    prior-preservation loss when `prior_preservation_prompts` are set."""
+    device, scheduler, config = run.accelerator.device, run.noise_scheduler, run.config
     with torch.no_grad():
         pixels = batch["pixel_values"].to(device)
         latents = run.base.vae.encode(pixels).latent_dist.sample() * run.base.vae.config.scaling_factor
-    noise = torch.randn_like(latents)
+    noise = diffusion.sample_noise(latents, config.noise_offset)
     timesteps = diffusion.sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     with torch.set_grad_enabled(run.text_encoder_trains):  # no activations kept for a frozen text path
         hidden_states = _encode_prompts(run.base.tokenizer, run.text_encoder, captions, device)
     prediction = run.unet(noisy, timesteps, hidden_states).sample
-    return diffusion.denoising_loss(prediction, diffusion.training_target(scheduler, latents, noise, timesteps))
+    loss = diffusion.denoising_loss(prediction, diffusion.training_target(scheduler, latents, noise, timesteps))
+    if config.prior_preservation_prompts:
+        loss = loss + config.effective_prior_loss_weight * _prior_loss(run, noisy, timesteps)
+    return loss
+
+
+def _prior_loss(run: Run, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """How far the trained model's predictions for prior prompts (drawn at random, one per example) are from the
+    base model's, both on the batch's noisy latents: a distillation form of DreamBooth's prior preservation (Ruiz
+    et al. 2023) that needs no class images."""
+    prompts = run.config.prior_preservation_prompts
+    picks = torch.randint(len(prompts), (noisy.shape[0],)).tolist()
+    chosen, device = [prompts[i] for i in picks], noisy.device
+    with torch.no_grad(), lora.adapters_disabled(run.base.unet, run.base.text_encoder):
+        states = _encode_prompts(run.base.tokenizer, run.text_encoder, chosen, device)
+        target = run.unet(noisy, timesteps, states).sample
+    with torch.set_grad_enabled(run.text_encoder_trains):
+        states = _encode_prompts(run.base.tokenizer, run.text_encoder, chosen, device)
+    return diffusion.denoising_loss(run.unet(noisy, timesteps, states).sample, target)
 
 
 @dataclass
@@ -139,6 +158,7 @@ class Run:
     plan: tuple[int, int, int]
     dataset: dict
     started_at: float
+    sample_grids: list = field(default_factory=list)  # every sample grid rendered so far, for progress.png
 
     @property
     def text_encoder_trains(self) -> bool:
@@ -332,7 +352,8 @@ def _save_outputs(run: Run, steps: int, final: bool) -> list[Path]:
 
 
 def _render_samples(run: Run, step: int, writer) -> Path | None:
-    """Renders `sample_prompts` with the current weights into `samples/step<N>.png` and TensorBoard.
+    """Renders `sample_prompts` with the current weights into `samples/step<N>.png` and TensorBoard, and stacks
+    every grid of the run so far into `samples/progress.png` (first row: before training).
 
     Fixed seeds (`seed + prompt index`) make grids of different steps comparable; torch's global random state is
     saved and restored, so sampling never changes the training run.
@@ -357,8 +378,12 @@ def _render_samples(run: Run, step: int, writer) -> Path | None:
         )
     for module, training in modes:
         module.train(training)
-    grid = inference.image_grid(images, columns=min(4, len(images)), scale=max(1, 128 // config.resolution))
+    grid = inference.image_grid(images, columns=min(8, len(images)), scale=max(1, 128 // config.resolution))
     path = inference.save_png(grid, Path(config.output_dir) / "samples" / f"step{step:08d}.png")
+    run.sample_grids.append(grid)
+    if len(run.sample_grids) > 1:  # before/after at a glance: one row per render, training time flowing down
+        progress = inference.image_grid(run.sample_grids, columns=1)
+        inference.save_png(progress, Path(config.output_dir) / "samples" / "progress.png")
     if writer is not None:
         import numpy as np
 

@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from sdtune import quality
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -33,17 +31,13 @@ def _config_path(method: str) -> Path:
     return REPO_ROOT / "configs" / f"world_{method.replace('+', '_')}.yaml"
 
 
-def train_method(method: str, concept: quality.Concept, out: Path, base: Path, max_steps: int | None) -> dict:
-    """Runs `sdtune train` for one method and concept; returns its output folder, CPU seconds and wall seconds."""
-    overrides = [
-        f"base_model={base}",
-        f"train_data_dir={REPO_ROOT / 'sample_data' / 'world' / concept.name}",
-        f"output_dir={out}",
-    ]
-    if method != "lora":
-        overrides += [f"placeholder_token={concept.placeholder}", f"init_word={concept.init_word}"]
-    if max_steps:
-        overrides.append(f"max_steps={max_steps}")
+def train_method(
+    method: str, concept: quality.Concept, out: Path, base: Path, max_steps: int | None, extra: list[str] = ()
+) -> dict:
+    """Runs `sdtune train` for one method and concept (plus `extra` key=value overrides); returns CPU and wall
+    seconds."""
+    overrides = quality.train_overrides(method, concept, base, REPO_ROOT / "sample_data" / "world", out, max_steps)
+    overrides += list(extra)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -54,24 +48,6 @@ def train_method(method: str, concept: quality.Concept, out: Path, base: Path, m
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return {"cpu_seconds": round(cpu, 1), "wall_seconds": round(time.perf_counter() - started, 1)}
-
-
-def load_pipeline(base: Path, folder: Path | None, concept: quality.Concept, method: str | None):
-    """The base model as a pipeline, with the method's embedding and/or LoRA loaded by diffusers' own loaders."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        base, torch_dtype=torch.float32, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    if method in ("ti", "ti+lora"):
-        stem = concept.placeholder.strip("<>")
-        pipe.load_textual_inversion(str(folder / f"{stem}.safetensors"), token=concept.placeholder)
-    if method in ("lora", "ti+lora"):
-        name = f"{concept.placeholder.strip('<>')}_lora" if method == "ti+lora" else concept.name
-        pipe.load_lora_weights(str(folder / f"{name}.safetensors"))
-    return pipe
 
 
 def _file_stats(folder: Path | None) -> dict:
@@ -89,12 +65,13 @@ def run_one(method: str | None, concept: quality.Concept, args) -> dict:
     folder, timing = None, {"cpu_seconds": 0.0, "wall_seconds": 0.0}
     if method is not None:
         folder = args.work / f"{concept.name}-{method.replace('+', '_')}"
-        timing = train_method(method, concept, folder, args.base, args.max_steps)
-    scores, images = quality.measure(load_pipeline(args.base, folder, concept, method), concept)
+        timing = train_method(method, concept, folder, args.base, args.max_steps, args.set)
+    scores, images = quality.measure(quality.load_pipeline(args.base, folder, concept, method), concept)
     label = method or "untrained"
     quality.save_grid(images, args.out / f"{concept.name}-{label.replace('+', '_')}.png", columns=16)
     steps = 0 if method is None else args.max_steps or _configured_steps(method)
-    return {"concept": concept.name, "method": label, "steps": steps, **scores, **timing, **_file_stats(folder)}
+    row = {"concept": concept.name, "method": label, "steps": steps, **scores, **timing, **_file_stats(folder)}
+    return {**row, "settings": " ".join(args.set) if method else ""}
 
 
 def _configured_steps(method: str | None) -> int:
@@ -129,11 +106,15 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of ti,lora,ti+lora")
     parser.add_argument("--concepts", default=",".join(c.name for c in quality.CONCEPTS))
     parser.add_argument("--max-steps", type=int, help="override every config's max_steps (quick runs)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run (repeatable)"
+    )
+    parser.add_argument("--no-baseline", action="store_true", help="skip the untrained rows")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for concept in map(quality.concept_by_name, args.concepts.split(",")):
-        for method in [None, *args.methods.split(",")]:
+        for method in ([] if args.no_baseline else [None]) + args.methods.split(","):
             rows.append(run_one(method, concept, args))
             print(json.dumps(rows[-1]), flush=True)
     (args.out / "quality.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")

@@ -3,15 +3,17 @@
 Layers are wrapped with peft (the original layer stays as `base_layer`, frozen and untouched). Targets follow kohya
 sd-scripts so the files mean the same in every client:
 - UNet `kohya` preset: every Linear and 1x1 Conv2d inside each `Transformer2DModel` (proj_in/out, attn1/attn2
-  q/k/v/out, ff); `attention` preset: the attention projections only.
+  q/k/v/out, ff); `attention` preset: the attention projections only; `cross_attention` preset: the projections of
+  `attn2`, the attention that reads the text (as Custom Diffusion, Kumari et al. 2023, adapts only there).
 - LoCon (`conv_rank`): also the Conv2d layers of `ResnetBlock2D`, `Downsample2D`, `Upsample2D` (3x3 convs at
   `conv_rank`/`conv_alpha`, the 1x1 shortcut at `lora_rank`/`lora_alpha`).
-- Text encoder `kohya` preset: q/k/v/out projections and fc1/fc2 of every layer; `attention` preset: q/k/v/out.
+- Text encoder `kohya` preset: q/k/v/out projections and fc1/fc2 of every layer; the other presets: q/k/v/out.
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +58,8 @@ def unet_targets(unet: nn.Module, preset: str, rank: int, alpha: float, conv: tu
 
     Args:
         unet: The diffusers UNet.
-        preset: `kohya` (all Linear / 1x1 conv in transformer blocks) or `attention` (attention projections).
+        preset: `kohya` (all Linear / 1x1 conv in transformer blocks), `attention` (attention projections) or
+            `cross_attention` (the text-reading `attn2` projections).
         rank: Rank of Linear and 1x1 conv layers.
         alpha: Their alpha.
         conv: (rank, alpha) of the LoCon 3x3 convs, or None for no LoCon.
@@ -67,6 +70,8 @@ def unet_targets(unet: nn.Module, preset: str, rank: int, alpha: float, conv: tu
             continue
         if preset == "attention" and not re.search(r"\.attn[12]\.", path):
             continue
+        if preset == "cross_attention" and ".attn2." not in path:
+            continue
         targets[path] = (rank, alpha)
     if conv is not None:
         for path, module in _inside(unet, _UNET_CONV_CLASSES):
@@ -76,7 +81,7 @@ def unet_targets(unet: nn.Module, preset: str, rank: int, alpha: float, conv: tu
 
 
 def text_encoder_targets(text_encoder: nn.Module, preset: str, rank: int, alpha: float) -> dict:
-    """Module path -> (rank, alpha) of the CLIP text-encoder layers a preset adapts (`kohya` or `attention`)."""
+    """Module path -> (rank, alpha) of the CLIP text-encoder layers a preset adapts (`kohya`: all; else attention)."""
     targets = {}
     for path, module in _inside(text_encoder, _TEXT_LAYER_CLASSES):
         if isinstance(module, nn.Linear) and (preset == "kohya" or ".self_attn." in path):
@@ -110,6 +115,22 @@ def inject(model: nn.Module, targets: dict[str, tuple[int, float]]) -> list[nn.P
     )
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     return [p for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name]
+
+
+@contextmanager
+def adapters_disabled(*models: nn.Module):
+    """Within the block, the models compute as the base model (LoRA layers bypassed); trainability is kept."""
+    layers = [layer for model in models for _, layer in _lora_layers(model)]
+    trainable = {param: param.requires_grad for layer in layers for param in layer.parameters()}
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for param, requires_grad in trainable.items():  # peft's enable_adapters re-enables gradients
+            param.requires_grad_(requires_grad)
 
 
 def _lora_layers(model: nn.Module):

@@ -223,11 +223,17 @@ def test_sample_prompts_render_before_during_and_after_training(ti_config_dict, 
     )
     train(config)
     samples = Path(config.output_dir) / "samples"
-    assert sorted(p.name for p in samples.iterdir()) == ["step00000000.png", "step00000002.png", "step00000004.png"]
+    steps = ["step00000000.png", "step00000002.png", "step00000004.png"]
+    assert sorted(p.name for p in samples.iterdir()) == sorted(["progress.png", *steps])
     from PIL import Image
 
     with Image.open(samples / "step00000004.png") as grid:
         assert grid.size == (2 * 128, 128)  # two 32 px samples, upscaled to 128 px, side by side
+    with Image.open(samples / "progress.png") as progress:
+        assert progress.size == (2 * 128, 3 * 128)  # one row per render: before, step 2, step 4
+        for row, name in enumerate(steps):
+            with Image.open(samples / name) as grid:
+                assert progress.crop((0, row * 128, 256, (row + 1) * 128)).tobytes() == grid.convert("RGB").tobytes()
     events = EventAccumulator(str(Path(config.output_dir) / "logs"), size_guidance={"images": 0})
     events.Reload()
     assert [event.step for event in events.Images("samples")] == [0, 2, 4]

@@ -61,6 +61,8 @@ def test_kohya_preset_on_sd15_shapes_matches_kohya_module_counts():
     attention = lora.unet_targets(unet, "attention", 8, 8.0, None)
     assert len(attention) == 128 and all(".attn1." in p or ".attn2." in p for p in attention)
     assert len(lora.text_encoder_targets(text_encoder, "attention", 8, 8.0)) == 48
+    cross = lora.unet_targets(unet, "cross_attention", 8, 8.0, None)
+    assert len(cross) == 64 and all(".attn2." in p for p in cross)
     locon = lora.unet_targets(unet, "kohya", 8, 8.0, (4, 2.0))
     assert locon["down_blocks.0.resnets.0.conv1"] == (4, 2.0)
     assert locon["down_blocks.1.resnets.0.conv_shortcut"] == (8, 8.0)  # 1x1 convs use the main rank
@@ -261,3 +263,50 @@ def test_injection_fails_loudly_when_targets_match_nothing(tiny_base):
     with pytest.raises(ValueError, match="LoRA targets not found in the UNet2DConditionModel: mid_block.nope"):
         lora.inject(base.unet, {"mid_block.nope": (4, 4.0)})
     assert lora.unet_targets(torch.nn.Sequential(torch.nn.Linear(2, 2)), "kohya", 4, 4.0, None) == {}
+
+
+def test_adapters_disabled_computes_the_base_model_and_keeps_trainability(tiny_base):
+    components = models.load_base_model(str(tiny_base["folder"]))
+    tokenizer, text_encoder, unet = components.tokenizer, components.text_encoder, components.unet
+    base_hidden, base_out = _outputs(tokenizer, text_encoder, unet)
+    params = lora.inject(unet, lora.unet_targets(unet, "cross_attention", 4, 4.0, None))
+    params += lora.inject(text_encoder, lora.text_encoder_targets(text_encoder, "attention", 4, 4.0))
+    with torch.no_grad():
+        for param in params:
+            param.add_(0.1)  # non-zero up factors: the adapted model differs from the base
+    frozen = params[0]
+    frozen.requires_grad_(False)
+    adapted_hidden, adapted_out = _outputs(tokenizer, text_encoder, unet)
+    assert not torch.allclose(adapted_out, base_out, atol=1e-4)
+    with lora.adapters_disabled(unet, text_encoder):
+        hidden, out = _outputs(tokenizer, text_encoder, unet)
+    torch.testing.assert_close(hidden, base_hidden)
+    torch.testing.assert_close(out, base_out)
+    assert torch.equal(_outputs(tokenizer, text_encoder, unet)[1], adapted_out)
+    assert not frozen.requires_grad and all(p.requires_grad for p in params[1:])
+
+
+def test_prior_preservation_pulls_towards_the_base_model(lora_config_dict, tiny_base):
+    """At step 0 the LoRA is the identity, so the prior loss is exactly 0; it grows once the LoRA moves, and
+    prompts that name the placeholder, or a weight without prompts, are refused."""
+    from sdtune.train import _prior_loss
+
+    prompts = ["a red circle on a blue background", "a green square on a white background"]
+    config = parse_config({**lora_config_dict, "prior_preservation_prompts": prompts, "noise_offset": 0.1})
+    run = setup(config)
+    noisy, timesteps = torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
+    assert _prior_loss(run, noisy, timesteps).item() == 0.0
+    with torch.no_grad():
+        for param in run.trainables["unet"]:
+            param.add_(0.05)
+    loss = _prior_loss(run, noisy, timesteps)
+    assert loss.item() > 0 and loss.requires_grad
+    fit(run)  # trains end to end with both losses and the noise offset
+    with pytest.raises(ConfigError, match="prior_loss_weight: has no effect without prior_preservation_prompts"):
+        parse_config({**lora_config_dict, "prior_loss_weight": 0.5})
+    ti_lora = {**lora_config_dict, "method": "ti+lora", "placeholder_token": "<star>", "init_word": "star"}
+    with pytest.raises(ConfigError, match="contains the placeholder '<star>'"):
+        parse_config({**ti_lora, "prior_preservation_prompts": ["a <star> on a blue background"]})
+    ti = {k: v for k, v in ti_lora.items() if k not in ("lora_rank", "lora_alpha", "save_precision")}
+    with pytest.raises(ConfigError, match="prior_preservation_prompts: only used with method"):
+        parse_config({**ti, "method": "ti", "prior_preservation_prompts": prompts})
