@@ -278,6 +278,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.995)
     parser.add_argument("--offset-noise", type=float, default=0.1, help="see DenoiserRun.noise")
+    parser.add_argument("--high-noise-fraction", type=float, default=0.5, help="see DenoiserRun.timesteps")
+    parser.add_argument("--high-noise-from", type=int, default=700, help="see DenoiserRun.timesteps")
     parser.add_argument(
         "--eval-every", type=int, default=1000, help="score the EMA model every N steps, keep the best"
     )
