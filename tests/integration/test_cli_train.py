@@ -135,14 +135,22 @@ def test_config_errors_exit_2_with_every_problem(tmp_path):
 
 def test_readme_quickstart_command_runs_as_written(tmp_path):
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    command = re.search(r"```bash\n(pip install -e \. && sdtune make-base .+)\n```", readme).group(1)
+    command = re.search(r"```bash\n(pip install -e \. && sdtune train .+)\n```", readme).group(1)
     command = command.replace("pip install -e . && ", "")  # the package is already installed for the tests
+    command += " max_steps=40"  # the full run is what tests/integration/test_learning.py measures; this checks paths
     for name in ("configs", "sample_data"):
         shutil.copytree(REPO_ROOT / name, tmp_path / name)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
-    assert (tmp_path / "output" / "quickstart_lora" / "star.safetensors").is_file()
+    output = tmp_path / "output" / "red_star"
+    assert (output / "red_star.safetensors").is_file()
+    samples = sorted(p.name for p in (output / "samples").iterdir())
+    assert samples == ["progress.png", "step00000000.png", "step00000040.png"]
+    from PIL import Image
+
+    with Image.open(output / "samples" / "progress.png") as progress:
+        assert progress.size == (8 * 128, 2 * 128)  # 8 prompts, 32 px upscaled to 128; before and after
 
 
 def test_validate_prints_the_step_arithmetic(tiny_base):
