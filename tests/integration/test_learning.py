@@ -43,7 +43,7 @@ def test_the_base_model_draws_its_world_but_not_the_concepts(untrained):
 
 
 def test_lora_learns_a_shape_the_base_never_saw(untrained, tmp_path):
-    scores = _trained_scores("lora", "red_star", 300, tmp_path, prior=False)
+    scores = _trained_scores("lora", "red_star", 500, tmp_path, prior=False)
     assert scores["fidelity"] >= untrained["red_star"]["fidelity"] + 0.3
 
 
