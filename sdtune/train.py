@@ -134,7 +134,7 @@ def _prior_loss(run: Run, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch
     with torch.no_grad(), lora.adapters_disabled(run.base.unet, run.base.text_encoder):
         states = _encode_prompts(run.base.tokenizer, run.text_encoder, chosen, device)
         target = run.unet(noisy, timesteps, states).sample
-    with torch.set_grad_enabled(run.text_encoder_trains):
+    if run.trainables.get("text_encoder"):  # only a text-encoder LoRA changes these prompts' states
         states = _encode_prompts(run.base.tokenizer, run.text_encoder, chosen, device)
     return diffusion.denoising_loss(run.unet(noisy, timesteps, states).sample, target)
 
