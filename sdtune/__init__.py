@@ -2,12 +2,16 @@
 
 __version__ = "0.1.0"
 
+from sdtune.compat import IncompatibleArtifactError  # noqa: E402
 from sdtune.config import ConfigError, TrainConfig, load_config, parse_config  # noqa: E402
+from sdtune.inference import AdapterPipeline  # noqa: E402
 from sdtune.models import BaseModel, ModelError, detect_family, load_base_model, write_base_model  # noqa: E402
 
 __all__ = [
+    "AdapterPipeline",
     "BaseModel",
     "ConfigError",
+    "IncompatibleArtifactError",
     "ModelError",
     "TrainConfig",
     "__version__",

@@ -37,7 +37,13 @@ class Artifact:
         return compat.read_record(self.metadata)
 
 
-def _load_any(path: Path) -> tuple[dict, dict[str, str]]:
+def load_tensors(path: Path) -> tuple[dict, dict[str, str]]:
+    """(contents, header metadata) of a `.safetensors` file, or of a legacy `.pt`/`.bin`/`.ckpt` file loaded with
+    `torch.load(weights_only=True)` (no code from pickles runs; such files have no header).
+
+    Raises:
+        FormatError: Unreadable, a pickle that needs code to load, or an unknown suffix.
+    """
     if path.suffix == ".safetensors":
         return formats.read_safetensors(path)
     if path.suffix in (".pt", ".bin", ".ckpt"):
@@ -90,13 +96,15 @@ def read_artifact(path: str | Path) -> Artifact:
     path = Path(path)
     if path.is_dir():
         path = path / "pytorch_lora_weights.safetensors"
-    data, metadata = _load_any(path)
+    data, metadata = load_tensors(path)
     dtypes = {str(v.dtype).removeprefix("torch.") for v in data.values() if isinstance(v, torch.Tensor)}
     if formats.is_kohya_lora(data):
         modules = formats.parse_kohya_lora(data, path)
         return Artifact(path, "lora", "kohya", _lora_family(modules, metadata), metadata, modules, dtypes=dtypes)
     if any(".lora_A." in key for key in data):
-        return Artifact(path, "lora", "diffusers-peft", metadata.get("sdtune.model_family"), metadata, dtypes=dtypes)
+        modules = formats.parse_peft_lora(data, path)
+        family = _lora_family(modules, metadata)
+        return Artifact(path, "lora", "diffusers-peft", family, metadata, modules, dtypes=dtypes)
     layout, vectors = _embedding_vectors(data, path)
     vectors = {k: v.reshape(-1, v.shape[-1]) for k, v in vectors.items()}
     family = metadata.get("sdtune.model_family") or (
@@ -125,35 +133,6 @@ def lora_groups(modules: dict[str, formats.LoraModule]) -> dict[str, dict]:
         entry["ranks"].add(lora.rank)
         entry["alphas"].add(lora.alpha)
     return groups
-
-
-def fit_problems(artifact: Artifact, base) -> list[str]:
-    """Why an artifact does not fit a loaded base model (empty when it fits).
-
-    Checks the family, every LoRA key and shape against the base's modules, embedding widths, and the `sdtune.*`
-    record's text width and tokenizer fingerprint.
-    """
-    from sdtune.models import FAMILY_NAMES, tokenizer_fingerprint
-
-    problems = []
-    if artifact.family and artifact.family != base.family:
-        problems.append(
-            f"made for {FAMILY_NAMES.get(artifact.family, artifact.family)}, the base is {FAMILY_NAMES[base.family]}"
-        )
-    if artifact.kind == "lora" and artifact.lora_modules:
-        key_map = formats.module_key_map(base.unet, base.text_encoder)
-        problems += formats.lora_fit_problems(artifact.lora_modules, key_map)
-    if artifact.kind == "embedding" and "text" in artifact.vectors:
-        width = artifact.vectors["text"].shape[-1]
-        if width != base.text_width:
-            problems.append(f"embedding width {width}, the base's text encoder takes {base.text_width}")
-    record = artifact.record
-    if record.get("sdtune.text_encoder_width") and int(record["sdtune.text_encoder_width"]) != base.text_width:
-        problems.append(f"recorded text width {record['sdtune.text_encoder_width']}, base {base.text_width}")
-    fingerprint = record.get("sdtune.tokenizer_fingerprint")
-    if fingerprint and fingerprint != tokenizer_fingerprint(base.tokenizer):
-        problems.append("trained with a different tokenizer than the base's (tokenizer fingerprint differs)")
-    return problems
 
 
 def describe(artifact: Artifact) -> str:

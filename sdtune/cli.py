@@ -7,9 +7,12 @@ import os
 import sys
 
 from sdtune import __version__
+from sdtune.compat import IncompatibleArtifactError
 from sdtune.config import ConfigError, load_config
 from sdtune.formats import FormatError
+from sdtune.jobs import JobError
 from sdtune.models import PRESETS, ModelError
+from sdtune.prompts import PromptError
 
 EXIT_BAD_INPUT = 2
 
@@ -22,6 +25,7 @@ def _quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()  # e.g. "No LoRA keys associated to CLIPTextModel" for UNet-only files
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -60,7 +64,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """`sdtune inspect FILE [--base MODEL]`: what a LoRA or embedding is, and whether it fits a base model."""
-    from sdtune import artifacts
+    from sdtune import artifacts, compat
     from sdtune.models import load_base_model
 
     artifact = artifacts.read_artifact(args.file)
@@ -68,14 +72,45 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not args.base:
         return 0
     _quiet_libraries()
-    problems = artifacts.fit_problems(artifact, load_base_model(args.base, args.base_config))
-    if problems:
-        print(f"does NOT fit {args.base}:", file=sys.stderr)
-        for problem in problems:
-            print(f"  - {problem}", file=sys.stderr)
+    base = load_base_model(args.base, args.base_config)
+    report = compat.check_fit(artifact, base)
+    if not report.fits:
+        print(compat.incompatibility_message(artifact, base, report), file=sys.stderr)
         return EXIT_BAD_INPUT
     what = "every key maps to a module of it with matching shapes" if artifact.kind == "lora" else "widths match"
     print(f"fits {args.base}: {what}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """`sdtune generate --base MODEL (--prompt P | --prompts-file F | --jobs F) [...]`: batch generation."""
+    from pathlib import Path
+
+    from sdtune import inference, jobs, prompts
+
+    defaults = {
+        "negative_prompt": args.negative, "n": args.n, "seed": args.seed, "steps": args.steps,
+        "guidance": args.guidance, "width": args.width, "height": args.height, "sampler": args.sampler,
+    }  # fmt: skip
+    work = [jobs.make_job({"prompt": p}, defaults, f"--prompt {p!r}") for p in args.prompt]
+    for path in args.prompts_file + args.jobs:
+        work += jobs.read_jobs(Path(path), defaults)
+    if not work:
+        raise jobs.JobError("nothing to generate: give --prompt, --prompts-file or --jobs")
+    library = prompts.AdapterLibrary(args.lora_dir, args.embedding_dir)
+    _quiet_libraries()
+    pipe = inference.AdapterPipeline.from_base(args.base, sampler=args.sampler, device=args.device)
+    for spec in args.lora:
+        path, numbers = jobs.split_spec(spec)
+        te, unet = prompts.lora_weights(Path(path).stem, numbers, f"--lora {spec}")
+        pipe.add_lora(path, text_encoder_weight=te, unet_weight=unet, force=args.force)
+    for spec in args.embedding:
+        path, token = jobs.split_spec(spec)
+        pipe.add_embedding(path, token=token[0] if token else None, force=args.force)
+    pipe.fuse(args.fuse)
+    runner = jobs.BatchRunner(pipe, library, Path(args.out), force=args.force)
+    written = runner.run(work, batch_size=args.batch_size, grid=args.grid)
+    print(f"wrote {len(written)} file(s) and {Path(args.out) / jobs.MANIFEST}")
     return 0
 
 
@@ -120,7 +155,39 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     sub.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the checkpoint file")
     sub.set_defaults(function=cmd_make_base)
+    sub = commands.add_parser("generate", help="generate images with stacked LoRAs and embeddings")
+    _add_generate_arguments(sub)
+    sub.set_defaults(function=cmd_generate)
     return parser
+
+
+def _add_generate_arguments(sub: argparse.ArgumentParser) -> None:
+    from sdtune.inference import SAMPLERS
+
+    sub.add_argument("--base", required=True, help="base model: diffusers folder or single-file checkpoint")
+    sub.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); <lora:NAME:W> tags work")
+    sub.add_argument("--prompts-file", action="append", default=[], help="text file, one prompt per line")
+    sub.add_argument("--jobs", action="append", default=[], help="YAML or JSONL job file (per-job settings)")
+    sub.add_argument("--negative", default="", help="negative prompt")
+    sub.add_argument("--n", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
+    sub.add_argument("--seed", type=int, help="first seed (default: random, recorded with each image)")
+    sub.add_argument("--batch-size", type=int, default=1, help="images per forward pass (same images, faster)")
+    sub.add_argument("--steps", type=int, default=20, help="sampling steps")
+    sub.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (CFG) scale")
+    sub.add_argument("--width", type=int, help="image width (default: the base model's native size)")
+    sub.add_argument("--height", type=int, help="image height (default: the base model's native size)")
+    sub.add_argument("--sampler", choices=list(SAMPLERS), default="dpmpp_2m", help="sampler")
+    sub.add_argument(
+        "--lora", action="append", default=[], help="LoRA for every image: FILE[:W] or FILE[:TE_W:UNET_W]"
+    )
+    sub.add_argument("--embedding", action="append", default=[], help="embedding: FILE[:TOKEN] (token: file stem)")
+    sub.add_argument("--lora-dir", action="append", default=[], help="folder that <lora:NAME:W> names resolve in")
+    sub.add_argument("--embedding-dir", action="append", default=[], help="folder of embeddings used by file stem")
+    sub.add_argument("--out", default="output/generated", help="output folder (PNGs + manifest.jsonl)")
+    sub.add_argument("--grid", action="store_true", help="also write grid.png, a contact sheet of this run")
+    sub.add_argument("--fuse", action="store_true", help="bake LoRA weights into the model (faster sampling)")
+    sub.add_argument("--force", action="store_true", help="accept files made on another checkpoint of the family")
+    sub.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +199,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.function(args)
-    except (ConfigError, ModelError, FormatError) as error:
+    except (ConfigError, ModelError, FormatError, IncompatibleArtifactError, JobError, PromptError) as error:
         print(f"sdtune {args.command}: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -125,6 +125,38 @@ def parse_kohya_lora(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, 
     return modules
 
 
+PEFT_COMPONENT_KEYS = {"unet": unet_module_key, "text_encoder": text_encoder_module_key}
+
+
+def parse_peft_lora(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, LoraModule]:
+    """A diffusers/peft LoRA state dict (`unet.<path>.lora_A.weight`, `text_encoder.<path>.lora_B.weight`) as kohya
+    names -> factors, so it is checked against a base model like a kohya file (alpha = rank: peft keeps it in the
+    adapter config, not the weights).
+
+    Raises:
+        FormatError: Keys of other components or layouts, or a module missing a factor.
+    """
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    problems = []
+    for key, tensor in tensors.items():
+        component, _, rest = key.partition(".")
+        module_path, _, factor = rest.rpartition(".lora_")
+        if component not in PEFT_COMPONENT_KEYS or factor not in ("A.weight", "B.weight"):
+            problems.append(f"{key} is not a diffusers LoRA key of the UNet or text encoder")
+            continue
+        name = PEFT_COMPONENT_KEYS[component](module_path)
+        factors.setdefault(name, {})[factor[0]] = tensor
+    modules = {}
+    for name, pair in sorted(factors.items()):
+        if len(pair) != 2:
+            problems.append(f"{name} lacks its lora_{'B' if 'A' in pair else 'A'} weight")
+            continue
+        modules[name] = LoraModule(down=pair["A"], up=pair["B"], alpha=float(pair["A"].shape[0]))
+    if problems:
+        raise FormatError(f"{path}: " + "; ".join(problems[:5]) + ".")
+    return modules
+
+
 def lora_fit_problems(modules: dict[str, LoraModule], key_map: dict[str, tuple[str, str, nn.Module]]) -> list[str]:
     """Keys that name no module of the model, and factors whose shapes do not fit the module they name."""
     problems = []

@@ -1,35 +1,59 @@
-"""Image generation with diffusers pipelines built from loaded components (samples during training, benchmarks).
+"""Generation: a base model's diffusers pipeline with LoRAs and embeddings stacked on it by name, each with its own
+weights, behind the compatibility gates of `sdtune.compat`.
 
-Only builds pipelines and generates; it never imports training code.
+Weights are applied by diffusers' own loaders (`load_lora_weights` + `set_adapters`, `load_textual_inversion`), so a
+stack behaves here as it does in any diffusers script: `W + a*dA + b*dB` for LoRAs at weights a and b. Only builds
+pipelines and generates; it never imports training code.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from sdtune import artifacts, compat, export, formats
+from sdtune.models import BaseModel, file_sha256, load_base_model, tokenizer_fingerprint
+
+# sampler name -> (diffusers scheduler class, extra config, A1111's name for the infotext)
 SAMPLERS = {
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "pndm": ("PNDMScheduler", {}, "PLMS"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
 }
+LORA_COMPONENTS = ("unet", "text_encoder")
+logger = logging.getLogger(__name__)
+
+
+def make_scheduler(sampler: str, scheduler_config: dict):
+    """The diffusers scheduler for a sampler name (see `SAMPLERS`), configured from the base model's scheduler."""
+    import diffusers
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    class_name, extra, _ = SAMPLERS[sampler]
+    return getattr(diffusers, class_name).from_config(scheduler_config, **extra)
 
 
 def pipeline_from_components(tokenizer, text_encoder, unet, vae, scheduler_config: dict, sampler: str = "dpmpp_2m"):
     """A `StableDiffusionPipeline` over already loaded (possibly adapted) components, with the chosen sampler."""
     import diffusers
 
-    scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(scheduler_config)
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=make_scheduler(sampler, scheduler_config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -38,10 +62,313 @@ def pipeline_from_components(tokenizer, text_encoder, unet, vae, scheduler_confi
     return pipe
 
 
+@dataclass
+class Adapter:
+    """A LoRA or embedding loaded into an `AdapterPipeline`, addressed by `name`."""
+
+    name: str
+    kind: str  # "lora" or "embedding"
+    path: Path
+    short_hash: str  # what A1111 writes as the file's hash in "Lora hashes" / "TI hashes"
+    internal_name: str = ""  # the LoRA's adapter name inside diffusers/peft
+    components: tuple[str, ...] = ()  # LoRA: the components it adapts
+    tokens: tuple[str, ...] = ()  # embedding: the tokens registered for its vectors
+    text_encoder_weight: float = 1.0
+    unet_weight: float = 1.0
+    active: bool = True  # LoRA: applied to every generation (prompt tags activate inactive ones per prompt)
+    warnings: list[str] = field(default_factory=list)
+
+
+def short_hash(path: Path, kind: str) -> str:
+    """A1111's short hash: a LoRA `.safetensors` hashes the bytes after its header (the "addnet" hash), anything else
+    the whole file; 12 hex digits."""
+    if kind == "lora" and path.suffix == ".safetensors":
+        return export.a1111_hashes(path.read_bytes())[0][:12]
+    return file_sha256(path)[:12]
+
+
+class AdapterPipeline:
+    """A base model's pipeline with LoRAs and embeddings added, re-weighted and removed by name.
+
+    Every artifact passes `compat.require_fit` before it touches the pipeline; a refused or failed load leaves the
+    pipeline exactly as it was. With `fuse(True)` the weighted LoRAs are baked into the weights before the next
+    generation (generation then costs what the base costs); any change unfuses first.
+
+    Example:
+        >>> pipe = AdapterPipeline.from_base("sample_data/world-sd1")
+        >>> pipe.add_lora("output/red_star/red_star.safetensors", weight=0.8)
+        >>> images = pipe.generate(["a <star> on a purple background"], seeds=[1])
+    """
+
+    def __init__(self, base: BaseModel, sampler: str = "dpmpp_2m", device: str | None = None):
+        self.base = base
+        self.pipe = pipeline_from_components(
+            base.tokenizer, base.text_encoder, base.unet, base.vae, base.scheduler_config, sampler
+        )
+        if device:
+            self.pipe.to(device)
+        self.sampler = sampler
+        self.adapters: dict[str, Adapter] = {}
+        self._tokenizer_fingerprint = tokenizer_fingerprint(base.tokenizer)  # before embeddings add tokens
+        self._counter = itertools.count()
+        self._applied: tuple | None = ()  # the LoRA weights last given to diffusers; () = none loaded
+        self._fuse_wanted = False
+        self._fused = False
+
+    @classmethod
+    def from_base(cls, path: str | Path, sampler: str = "dpmpp_2m", device: str | None = None, config_dir=None):
+        """Loads a base model (diffusers folder or single-file checkpoint) and wraps it."""
+        return cls(load_base_model(path, config_dir), sampler=sampler, device=device)
+
+    # -- adding, re-weighting, removing ------------------------------------------------------------------------
+    def add_lora(
+        self,
+        path: str | Path,
+        name: str | None = None,
+        weight: float = 1.0,
+        text_encoder_weight: float | None = None,
+        unet_weight: float | None = None,
+        force: bool = False,
+        active: bool = True,
+    ) -> Adapter:
+        """Loads a LoRA (kohya or diffusers layout, any tool's) under `name` (default: the file stem).
+
+        Args:
+            path: The `.safetensors` file (or a diffusers LoRA folder).
+            name: How prompts and `set_weight`/`remove` address it.
+            weight: Strength for both components; `text_encoder_weight` / `unet_weight` override one of them.
+            force: Accept a file made on another checkpoint of the same family (warns).
+            active: Apply it to every generation; False loads it for prompt tags (`<lora:name:w>`) only.
+
+        Raises:
+            IncompatibleArtifactError: It does not fit this base (the pipeline is unchanged).
+            FormatError: Not a LoRA, unreadable, or the name is taken.
+        """
+        path = Path(path)
+        name = name or path.stem
+        artifact, warnings = self._checked_artifact(path, "lora", name, force)
+        tensors, _ = artifacts.load_tensors(artifact.path)
+        internal = f"sdtune_{next(self._counter)}"
+        self._unfuse()
+        try:
+            self.pipe.load_lora_weights(tensors, adapter_name=internal)
+            self._verify_loaded(artifact, internal)
+        except Exception:
+            self._delete_internal(internal)
+            raise
+        components = tuple(c for c, names in self.pipe.get_list_adapters().items() if internal in names)
+        self.adapters[name] = Adapter(
+            name, "lora", artifact.path, short_hash(artifact.path, "lora"), internal, components,
+            text_encoder_weight=weight if text_encoder_weight is None else text_encoder_weight,
+            unet_weight=weight if unet_weight is None else unet_weight,
+            active=active, warnings=warnings,
+        )  # fmt: skip
+        self._applied = None
+        return self.adapters[name]
+
+    def add_embedding(self, path: str | Path, token: str | None = None, force: bool = False) -> Adapter:
+        """Loads a Textual Inversion embedding (any layout in FORMATS.md) as `token` (default: the file stem, as in
+        A1111). A multi-vector embedding registers `token`, `token_1`, ...; prompts name `token` alone.
+
+        Raises:
+            IncompatibleArtifactError: Its width or record does not fit this base (the pipeline is unchanged).
+            FormatError: Not an embedding, unreadable, or the token is already a word or a loaded adapter.
+        """
+        path = Path(path)
+        token = token or path.stem
+        artifact, warnings = self._checked_artifact(path, "embedding", token, force)
+        vectors = artifact.vectors["text"]
+        tokens = [token] + [f"{token}_{i}" for i in range(1, vectors.shape[0])]
+        taken = [t for t in tokens if t in self.base.tokenizer.get_vocab()]
+        if taken:
+            raise formats.FormatError(
+                f"{path}: the token {taken[0]!r} is already in the tokenizer's vocabulary, so the embedding would "
+                "change the meaning of an existing word. Load it under another token (token=..., `--embedding "
+                "FILE:TOKEN`) or rename the file (A1111 uses the file stem)."
+            )
+        try:
+            self.pipe.load_textual_inversion(vectors, token=tokens)
+        except Exception:
+            self.pipe.unload_textual_inversion(tokens)
+            raise
+        self.adapters[token] = Adapter(
+            token, "embedding", path, short_hash(path, "embedding"), tokens=tuple(tokens), warnings=warnings
+        )
+        return self.adapters[token]
+
+    def _checked_artifact(self, path: Path, kind: str, name: str, force: bool):
+        if name in self.adapters:
+            raise formats.FormatError(
+                f"{path}: an adapter named {name!r} is already loaded; remove it or pick another name."
+            )
+        artifact = artifacts.read_artifact(path)
+        if artifact.kind != kind:
+            raise formats.FormatError(f"{path} is a {artifact.kind}, not a {kind}; load it with add_{artifact.kind}.")
+        warnings = compat.require_fit(artifact, self.base, force, self._tokenizer_fingerprint)
+        for warning in warnings:
+            logger.warning("%s: loaded with force although it %s", path, warning)
+        return artifact, warnings
+
+    def set_weight(
+        self, name: str, weight: float | None = None, text_encoder_weight: float | None = None,
+        unet_weight: float | None = None, active: bool | None = None,
+    ) -> None:  # fmt: skip
+        """Changes a loaded LoRA's weights (both with `weight`, or one component) or whether it is always applied."""
+        adapter = self._lora(name)
+        if weight is not None:
+            adapter.text_encoder_weight = adapter.unet_weight = float(weight)
+        if text_encoder_weight is not None:
+            adapter.text_encoder_weight = float(text_encoder_weight)
+        if unet_weight is not None:
+            adapter.unet_weight = float(unet_weight)
+        if active is not None:
+            adapter.active = active
+
+    def remove(self, name: str) -> None:
+        """Unloads a LoRA or embedding; the pipeline is then as if it had never been loaded."""
+        if name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self.adapters) or 'none'})")
+        adapter = self.adapters.pop(name)
+        if adapter.kind == "embedding":
+            self.pipe.unload_textual_inversion(list(adapter.tokens))
+            return
+        self._unfuse()
+        self._delete_internal(adapter.internal_name)
+        self._applied = None
+
+    def _lora(self, name: str) -> Adapter:
+        adapter = self.adapters.get(name)
+        if adapter is None or adapter.kind != "lora":
+            loaded = ", ".join(n for n, a in self.adapters.items() if a.kind == "lora") or "none"
+            raise KeyError(f"no LoRA named {name!r} is loaded (loaded LoRAs: {loaded})")
+        return adapter
+
+    def _verify_loaded(self, artifact, internal: str) -> None:
+        """Fails closed when diffusers' loader skipped modules of the file (it only logs unmatched keys)."""
+        key_map = formats.module_key_map(self.base.unet, self.base.text_encoder)
+        missing = []
+        for name in artifact.lora_modules:
+            component, module_path, _ = key_map[name]
+            layer = getattr(self.pipe, component).get_submodule(module_path)
+            if internal not in getattr(layer, "lora_A", {}):
+                missing.append(name)
+        if missing:
+            raise formats.FormatError(
+                f"{artifact.path}: diffusers' LoRA loader left {len(missing)} of {len(artifact.lora_modules)} "
+                f"modules unapplied (first: {missing[0]}). A text-encoder part whose attention lacks out_proj is a "
+                "known case (shared/FORMATS.md, rule 3). Re-export the file with sdtune, or load it in A1111/ComfyUI."
+            )
+
+    def _delete_internal(self, internal: str) -> None:
+        if any(internal in names for names in self.pipe.get_list_adapters().values()):
+            self.pipe.delete_adapters(internal)
+        if not any(self.pipe.get_list_adapters().values()):
+            self.pipe.unload_lora_weights()  # the last one: take the peft wrappers out, modules as loaded
+
+    # -- applying the stack ------------------------------------------------------------------------------------
+    def fuse(self, enabled: bool = True) -> None:
+        """Bakes the weighted LoRAs into the weights before each generation (any change unfuses; `fuse(False)`)."""
+        self._fuse_wanted = enabled
+        if not enabled:
+            self._unfuse()
+
+    @property
+    def fused(self) -> bool:
+        """Whether LoRA weights are baked into the model weights right now."""
+        return self._fused
+
+    def apply(self, extra: dict[str, tuple[float, float]] | None = None) -> None:
+        """Makes the active LoRAs (plus `extra`: name -> (text-encoder, UNet) weights, e.g. from prompt tags) the ones
+        diffusers applies, fusing them when asked. `generate` calls it; call it to inspect the adapted modules."""
+        weights = {
+            n: (a.text_encoder_weight, a.unet_weight)
+            for n, a in self.adapters.items()
+            if a.kind == "lora" and a.active
+        }
+        for name, pair in (extra or {}).items():
+            self._lora(name)
+            weights[name] = pair
+        state = tuple(sorted(weights.items()))
+        if state != self._applied:
+            self._unfuse()
+            self._set_adapters(weights)
+            self._applied = state
+        if self._fuse_wanted and weights and not self._fused:
+            self.pipe.fuse_lora(
+                components=list(LORA_COMPONENTS), adapter_names=[self.adapters[n].internal_name for n in weights]
+            )
+            self._fused = True
+
+    def _set_adapters(self, weights: dict[str, tuple[float, float]]) -> None:
+        if not any(a.kind == "lora" for a in self.adapters.values()):
+            return
+        if not weights:
+            self.pipe.disable_lora()
+            return
+        self.pipe.enable_lora()
+        names, per_component = [], []
+        for name, (text_encoder_weight, unet_weight) in weights.items():
+            adapter = self.adapters[name]
+            by_component = {"text_encoder": text_encoder_weight, "unet": unet_weight}
+            names.append(adapter.internal_name)
+            per_component.append({c: by_component[c] for c in adapter.components})
+        self.pipe.set_adapters(names, adapter_weights=per_component)
+
+    def _unfuse(self) -> None:
+        if self._fused:
+            self.pipe.unfuse_lora(components=list(LORA_COMPONENTS))
+            self._fused = False
+
+    # -- generating --------------------------------------------------------------------------------------------
+    def default_size(self) -> int:
+        """The base model's native image side (UNet sample size x VAE scale factor)."""
+        return self.base.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def set_sampler(self, sampler: str) -> None:
+        """Switches the sampler (see `SAMPLERS`)."""
+        self.pipe.scheduler = make_scheduler(sampler, self.base.scheduler_config)
+        self.sampler = sampler
+
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        negative_prompt: str = "",
+        steps: int = 20,
+        guidance: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        extra_loras: dict[str, tuple[float, float]] | None = None,
+    ) -> list[Image.Image]:
+        """One image per prompt, prompt `i` drawn from `seeds[i]` whatever else is in the batch, with the active
+        LoRAs plus `extra_loras` (name -> (text-encoder, UNet) weights) applied.
+
+        Returns:
+            The images, in prompt order.
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        self.apply(extra_loras)
+        device = self.pipe.device
+        generators = [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
+        with torch.no_grad():
+            output = self.pipe(
+                prompts,
+                negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+                height=height or self.default_size(),
+                width=width or self.default_size(),
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generators,
+            )
+        return output.images
+
+
 def generate(
     pipe, prompts: list[str], seed: int, size: int, steps: int = 20, guidance: float = 7.5, batch_size: int = 16
 ) -> list[Image.Image]:
-    """One image per prompt; prompt `i` always uses seed `seed + i`, whatever the batching, so runs compare."""
+    """One image per prompt from a plain diffusers pipeline; prompt `i` always uses seed `seed + i`, whatever the
+    batching, so runs compare (training samples, benchmarks)."""
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -70,12 +397,17 @@ def image_grid(images: list[Image.Image], columns: int, scale: int = 1) -> Image
     return grid
 
 
-def save_png(image: Image.Image, path: Path) -> Path:
-    """Writes a PNG through a temporary file and a rename."""
+def save_png(image: Image.Image, path: Path, text: dict[str, str] | None = None) -> Path:
+    """Writes a PNG (with `text` as tEXt chunks, e.g. A1111's `parameters`) through a temporary file and a rename."""
     import os
 
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    image.save(temporary, format="PNG")
+    image.save(temporary, format="PNG", pnginfo=info)
     os.replace(temporary, path)
     return path

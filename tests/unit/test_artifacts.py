@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdtune import artifacts, cli, formats, models
+from sdtune import artifacts, cli, compat, formats, models
 
 
 def _kohya_sd15_attention_file(path, width=768):
@@ -79,7 +79,7 @@ def test_inspect_command_checks_fit_against_a_base(tiny_base, tmp_path, capsys):
     assert cli.main(["inspect", str(wrong), "--base", str(tiny_base["folder"])]) == cli.EXIT_BAD_INPUT
     captured = capsys.readouterr()
     assert "kind: lora (kohya layout), family: Stable Diffusion 1.x" in captured.out
-    assert "does NOT fit" in captured.err and "do not fit the module's weight" in captured.err
+    assert "does not fit the base model" in captured.err and "do not fit the module's weight" in captured.err
 
     base = models.load_base_model(tiny_base["folder"])
     name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
@@ -87,7 +87,7 @@ def test_inspect_command_checks_fit_against_a_base(tiny_base, tmp_path, capsys):
     save_file(
         {name + ".lora_down.weight": torch.zeros(2, 32), name + ".lora_up.weight": torch.zeros(64, 2)}, str(fitting)
     )
-    assert artifacts.fit_problems(artifacts.read_artifact(fitting), base) == []
+    assert compat.check_fit(artifacts.read_artifact(fitting), base).fits
     assert cli.main(["inspect", str(fitting), "--base", str(tiny_base["checkpoint"]), "--json"]) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out[: captured.out.rindex("}") + 1])
@@ -96,5 +96,5 @@ def test_inspect_command_checks_fit_against_a_base(tiny_base, tmp_path, capsys):
 
     embedding = tmp_path / "wide.safetensors"
     save_file({"emb_params": torch.zeros(2, 768)}, str(embedding))
-    problems = artifacts.fit_problems(artifacts.read_artifact(embedding), base)
+    problems = compat.check_fit(artifacts.read_artifact(embedding), base).blocking
     assert problems == ["embedding width 768, the base's text encoder takes 32"]

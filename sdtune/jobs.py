@@ -1,0 +1,313 @@
+"""Batch generation: prompts x seeds from the command line, a prompts file or a YAML/JSONL job file, written as PNGs
+with A1111-style `parameters` text, a `manifest.jsonl` and an optional contact sheet.
+
+Image `i` of a job is drawn from seed `seed + i` (as in A1111), whatever the batch size, so the same seed and
+settings give the same image.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from sdtune import __version__, inference, prompts
+from sdtune.models import base_model_sha256
+
+MANIFEST = "manifest.jsonl"
+JOB_ALIASES = {"negative": "negative_prompt", "cfg_scale": "guidance", "num_images": "n"}
+
+
+class JobError(ValueError):
+    """A job file or job setting that cannot be run."""
+
+
+@dataclass
+class Job:
+    """One prompt with its settings; `n` images from seeds `seed`, `seed + 1`, ..."""
+
+    prompt: str
+    negative_prompt: str = ""
+    n: int = 1
+    seed: int | None = None  # None: a random seed, recorded with every image
+    steps: int = 20
+    guidance: float = 7.5
+    width: int | None = None  # None: the base model's native size
+    height: int | None = None
+    sampler: str = "dpmpp_2m"
+    loras: list = field(default_factory=list)  # "NAME_OR_PATH[:W[:UNET_W]]" or {path|name, weight, te, unet}
+    embeddings: list = field(default_factory=list)  # "NAME_OR_PATH[:TOKEN]" or {path|name, token}
+
+
+JOB_FIELDS = {f.name: f for f in fields(Job)}
+
+
+def make_job(raw: dict, defaults: dict, where: str) -> Job:
+    """A `Job` from a job-file entry over the command line's `defaults`; `where` names the entry in errors.
+
+    Raises:
+        JobError: Unknown keys (with the closest valid one), wrong types, or no prompt.
+    """
+    if not isinstance(raw, dict):
+        raise JobError(f"{where}: a job is a mapping with at least `prompt`, got {type(raw).__name__}")
+    values = dict(defaults)
+    for key, value in raw.items():
+        name = JOB_ALIASES.get(key, key)
+        if name not in JOB_FIELDS:
+            close = difflib.get_close_matches(str(key), list(JOB_FIELDS) + list(JOB_ALIASES), n=1)
+            hint = f" Did you mean {JOB_ALIASES.get(close[0], close[0])!r}?" if close else ""
+            raise JobError(f"{where}: unknown key {key!r}.{hint} Keys: {', '.join(JOB_FIELDS)}.")
+        values[name] = value
+    if not isinstance(values.get("prompt"), str):
+        raise JobError(f"{where}: `prompt` must be text (got {values.get('prompt')!r})")
+    for name in ("n", "steps", "seed", "width", "height"):
+        if values.get(name) is not None and (not isinstance(values[name], int) or isinstance(values[name], bool)):
+            raise JobError(f"{where}: `{name}` must be a whole number (got {values[name]!r})")
+    if values.get("n", 1) < 1 or values.get("steps", 1) < 1:
+        raise JobError(f"{where}: `n` and `steps` must be at least 1")
+    if values.get("sampler", "dpmpp_2m") not in inference.SAMPLERS:
+        raise JobError(f"{where}: sampler {values['sampler']!r} is not one of {', '.join(inference.SAMPLERS)}")
+    for name in ("loras", "embeddings"):
+        if not isinstance(values.get(name, []), list):
+            raise JobError(f"{where}: `{name}` must be a list")
+    return Job(**values)
+
+
+def read_jobs(path: Path, defaults: dict) -> list[Job]:
+    """Jobs from a `.yaml`/`.yml` file (a list of mappings, or `{jobs: [...]}`), a `.jsonl` file (one mapping per
+    line) or a `.txt` prompts file (one prompt per line; blank lines and `#` comments skipped)."""
+    if not path.is_file():
+        raise JobError(f"{path}: no such job file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        lines = [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1)]
+        return [make_job({"prompt": line}, defaults, f"{path}:{i}") for i, line in lines if line and line[0] != "#"]
+    if path.suffix == ".jsonl":
+        entries = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    entries.append((f"{path}:{number}", json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise JobError(f"{path}:{number}: not JSON ({error.msg})") from None
+        return [make_job(entry, defaults, where) for where, entry in entries]
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+        data = data.get("jobs") if isinstance(data, dict) else data
+        if not isinstance(data, list):
+            raise JobError(f"{path}: expected a list of jobs (or `jobs:` with a list)")
+        return [make_job(entry, defaults, f"{path}: job {i}") for i, entry in enumerate(data, 1)]
+    raise JobError(f"{path}: job files are .yaml, .jsonl or .txt (one prompt per line), not {path.suffix!r}")
+
+
+def split_spec(spec: str) -> tuple[str, list[str]]:
+    """`"FILE_OR_NAME:0.8:1"` -> (`"FILE_OR_NAME"`, `["0.8", "1"]`). The longest prefix that is an existing file
+    wins, so colons inside a path (`C:\\loras\\x.safetensors:0.5`) stay part of it."""
+    parts = spec.split(":")
+    for cut in range(len(parts), 0, -1):
+        if Path(":".join(parts[:cut])).exists():
+            return ":".join(parts[:cut]), parts[cut:]
+    return parts[0], parts[1:]
+
+
+@dataclass
+class _Image:
+    job: Job
+    seed: int
+    parsed: prompts.ParsedPrompt
+    loras: dict[str, tuple[float, float]]  # prompt-tag and job LoRAs (the pipeline's active ones come on top)
+
+
+class BatchRunner:
+    """Runs jobs on an `AdapterPipeline`, loading the LoRAs and embeddings that prompts and jobs name from an
+    `AdapterLibrary` (or by path), and writes PNGs + `manifest.jsonl` into `out`."""
+
+    def __init__(self, pipe: inference.AdapterPipeline, library: prompts.AdapterLibrary, out: Path, force=False):
+        self.pipe, self.library, self.out, self.force = pipe, library, Path(out), force
+        self.model_hash = base_model_sha256(pipe.base.source)[:10]
+
+    def _ensure_lora(self, target: str) -> str:
+        path = Path(target)
+        name = path.stem if path.suffix == ".safetensors" and path.is_file() else target
+        if name not in self.pipe.adapters:
+            self.pipe.add_lora(
+                path if path.is_file() else self.library.lora(name), name=name, active=False, force=self.force
+            )
+        return name
+
+    def _ensure_embedding(self, target: str, token: str | None = None) -> str:
+        path = Path(target)
+        token = token or (path.stem if path.is_file() else target)
+        if token not in self.pipe.adapters:
+            self.pipe.add_embedding(
+                path if path.is_file() else self.library.embedding(token), token=token, force=self.force
+            )
+        return token
+
+    def _job_loras(self, job: Job, where: str) -> dict[str, tuple[float, float]]:
+        loras = {}
+        for entry in job.loras:
+            if isinstance(entry, dict):
+                target, weight = entry.get("path") or entry.get("name"), float(entry.get("weight", 1.0))
+                pair = (float(entry.get("te", weight)), float(entry.get("unet", weight)))
+            else:
+                target, numbers = split_spec(str(entry))
+                pair = prompts.lora_weights(target, numbers, f"{where}: lora {entry!r}")
+            if not target:
+                raise JobError(f"{where}: a lora entry needs `path` or `name` ({entry!r})")
+            loras[self._ensure_lora(str(target))] = pair
+        return loras
+
+    def prepare(self, job: Job, where: str = "job") -> list[_Image]:
+        """Loads what the job needs (tags, job adapters) and expands it into images with their seeds."""
+        for entry in job.embeddings:
+            if isinstance(entry, dict):
+                self._ensure_embedding(str(entry.get("path") or entry.get("name")), entry.get("token"))
+            else:
+                target, token = split_spec(str(entry))
+                self._ensure_embedding(target, token[0] if token else None)
+        loras = self._job_loras(job, where)
+        known = {n for n, a in self.pipe.adapters.items() if a.kind == "embedding"} | set(self.library.embeddings)
+        parsed = prompts.parse_prompt(job.prompt, sorted(known, key=len, reverse=True))
+        for name in parsed.embeddings:
+            self._ensure_embedding(name)
+        for name, pair in parsed.loras.items():
+            loras[self._ensure_lora(name)] = pair
+        seed = job.seed if job.seed is not None else random.randrange(2**32)
+        return [_Image(job, seed + i, parsed, loras) for i in range(job.n)]
+
+    def run(self, jobs: list[Job], batch_size: int = 1, grid: bool = False, progress: bool = True) -> list[Path]:
+        """Generates every image of every job; returns the PNG paths (plus `grid.png` last when `grid`)."""
+        from tqdm import tqdm
+
+        items = [image for number, job in enumerate(jobs, 1) for image in self.prepare(job, f"job {number}")]
+        index = self._next_index()
+        written, images = [], []
+        bar = tqdm(total=len(items), desc="generating", unit="img", disable=not progress)
+        for batch in _batches(items, batch_size):
+            for item, image in zip(batch, self._generate(batch), strict=True):
+                written.append(self._save(item, image, index))
+                images.append(image)
+                index += 1
+            bar.update(len(batch))
+        bar.close()
+        if grid and images:
+            columns = math.ceil(math.sqrt(len(images)))
+            written.append(inference.save_png(inference.image_grid(images, columns), self.out / "grid.png"))
+        return written
+
+    def _generate(self, batch: list[_Image]):
+        job = batch[0].job
+        if self.pipe.sampler != job.sampler:
+            self.pipe.set_sampler(job.sampler)
+        return self.pipe.generate(
+            [item.parsed.text for item in batch],
+            [item.seed for item in batch],
+            negative_prompt=job.negative_prompt,
+            steps=job.steps,
+            guidance=job.guidance,
+            width=job.width,
+            height=job.height,
+            extra_loras=batch[0].loras,
+        )
+
+    def _next_index(self) -> int:
+        numbers = [int(p.name[:5]) for p in self.out.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
+        return max(numbers, default=-1) + 1
+
+    def applied_loras(self, item: _Image) -> dict[str, tuple[float, float]]:
+        """The LoRAs an image was made with: the pipeline's active ones, then the job's and the prompt's."""
+        active = {n: (a.text_encoder_weight, a.unet_weight) for n, a in self.pipe.adapters.items() if a.active}
+        return {**{n: w for n, w in active.items() if self.pipe.adapters[n].kind == "lora"}, **item.loras}
+
+    def _save(self, item: _Image, image, index: int) -> Path:
+        path = self.out / f"{index:05d}-{item.seed}.png"
+        inference.save_png(image, path, {"parameters": self.infotext(item, image.size)})
+        record = self.manifest_entry(item, path, image.size)
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / MANIFEST, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        return path
+
+    def manifest_entry(self, item: _Image, path: Path, size: tuple[int, int]) -> dict:
+        """One `manifest.jsonl` line: the file, every setting and every adapter with its weights and hash."""
+        job = {k: v for k, v in asdict(item.job).items() if k not in ("n", "seed", "loras", "embeddings")}
+        loras = [
+            {"name": n, "path": str(self.pipe.adapters[n].path), "hash": self.pipe.adapters[n].short_hash,
+             "text_encoder_weight": te, "unet_weight": unet}
+            for n, (te, unet) in self.applied_loras(item).items()
+        ]  # fmt: skip
+        embeddings = [
+            {"name": n, "path": str(self.pipe.adapters[n].path), "hash": self.pipe.adapters[n].short_hash}
+            for n in item.parsed.embeddings
+        ]
+        return {
+            "file": path.name, **job, "seed": item.seed, "text": item.parsed.text, "width": size[0], "height": size[1],
+            "model": self.pipe.base.name, "model_hash": self.model_hash, "loras": loras, "embeddings": embeddings,
+        }  # fmt: skip
+
+    def infotext(self, item: _Image, size: tuple[int, int]) -> str:
+        """A1111's `parameters` text; LoRAs not written as tags in the prompt are appended as tags, so pasting it
+        into A1111 applies the same stack."""
+        loras = self.applied_loras(item)
+        tags = [_tag(n, w) for n, w in loras.items() if n not in item.parsed.loras]
+        lines = [" ".join([item.job.prompt, *tags])]
+        if item.job.negative_prompt:
+            lines.append(f"Negative prompt: {item.job.negative_prompt}")
+        settings = {
+            "Steps": item.job.steps,
+            "Sampler": inference.SAMPLERS[item.job.sampler][2],
+            "CFG scale": f"{item.job.guidance:g}",
+            "Seed": item.seed,
+            "Size": f"{size[0]}x{size[1]}",
+            "Model hash": self.model_hash,
+            "Model": self.pipe.base.name,
+        }
+        if loras:
+            settings["Lora hashes"] = _quoted(f"{n}: {self.pipe.adapters[n].short_hash}" for n in loras)
+        if item.parsed.embeddings:
+            settings["TI hashes"] = _quoted(f"{n}: {self.pipe.adapters[n].short_hash}" for n in item.parsed.embeddings)
+        settings["Version"] = f"sdtune {__version__}"
+        lines.append(", ".join(f"{key}: {value}" for key, value in settings.items()))
+        return "\n".join(lines)
+
+
+def _tag(name: str, weights: tuple[float, float]) -> str:
+    te, unet = weights
+    return f"<lora:{name}:{te:g}>" if te == unet else f"<lora:{name}:{te:g}:{unet:g}>"
+
+
+def _quoted(parts) -> str:
+    """A1111 quotes an infotext value that contains commas or colons (as JSON)."""
+    return json.dumps(", ".join(parts))
+
+
+def _batches(items: list[_Image], batch_size: int):
+    """Consecutive images that share every setting, at most `batch_size` at a time."""
+    batch: list[_Image] = []
+    for item in items:
+        key = _settings_key(item)
+        if batch and (len(batch) == batch_size or _settings_key(batch[0]) != key):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def _settings_key(item: _Image) -> tuple:
+    job = item.job
+    return (
+        job.negative_prompt,
+        job.steps,
+        job.guidance,
+        job.width,
+        job.height,
+        job.sampler,
+        sorted(item.loras.items()),
+    )
