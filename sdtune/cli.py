@@ -103,10 +103,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for spec in args.lora:
         path, numbers = jobs.split_spec(spec)
         te, unet = prompts.lora_weights(Path(path).stem, numbers, f"--lora {spec}")
-        pipe.add_lora(path, text_encoder_weight=te, unet_weight=unet, force=args.force)
+        jobs.report_warnings(pipe.add_lora(path, text_encoder_weight=te, unet_weight=unet, force=args.force))
     for spec in args.embedding:
         path, token = jobs.split_spec(spec)
-        pipe.add_embedding(path, token=token[0] if token else None, force=args.force)
+        jobs.report_warnings(pipe.add_embedding(path, token=token[0] if token else None, force=args.force))
     pipe.fuse(args.fuse)
     runner = jobs.BatchRunner(pipe, library, Path(args.out), force=args.force)
     written = runner.run(work, batch_size=args.batch_size, grid=args.grid)

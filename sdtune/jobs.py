@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 import random
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -275,6 +276,12 @@ class BatchRunner:
         settings["Version"] = f"sdtune {__version__}"
         lines.append(", ".join(f"{key}: {value}" for key, value in settings.items()))
         return "\n".join(lines)
+
+
+def report_warnings(adapter: inference.Adapter) -> None:
+    """Prints what `force` let through, so a command-line user sees it before the images."""
+    for warning in adapter.warnings:
+        print(f"warning: {adapter.path} loaded with force although it {warning}", file=sys.stderr)
 
 
 def _tag(name: str, weights: tuple[float, float]) -> str:

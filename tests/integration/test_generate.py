@@ -84,3 +84,21 @@ def test_bad_jobs_and_unknown_names_fail_before_generating(tiny_base, library, t
     assert _generate(tiny_base, library, jobs_file, tmp_path / "out") == 2
     assert "the prompt names LoRA 'shinny' (<lora:NAME:WEIGHT>), but no such file is known" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_from_another_checkpoint_needs_force(tiny_base, library, tmp_path, capsys):
+    base = models.load_base_model(tiny_base["folder"])
+    record = compat.base_record(base) | {"sdtune.base_model_sha256": "a" * 64, "sdtune.base_model_name": "finetune"}
+    moved = tmp_path / "moved.safetensors"
+    kohya_lora(base, moved, seed=3, metadata=record)
+    command = ["generate", "--base", str(tiny_base["folder"]), "--prompt", "a cat", "--lora", f"{moved}:0.6"]
+    command += ["--steps", "2", "--width", "32", "--height", "32", "--seed", "1", "--out", str(tmp_path / "out")]
+    assert cli.main(command) == 2
+    error = capsys.readouterr().err
+    assert (
+        f"{moved} does not fit the base model tiny-sd1" in error and "trained on finetune (sha256 aaaaaaaaaa)" in error
+    )
+    assert "--force" in error and not (tmp_path / "out").exists()
+    assert cli.main([*command, "--force"]) == 0
+    assert "loaded with force although it trained on finetune" in capsys.readouterr().err
+    assert (tmp_path / "out" / "00000-1.png").is_file()

@@ -98,3 +98,25 @@ def test_inspect_command_checks_fit_against_a_base(tiny_base, tmp_path, capsys):
     save_file({"emb_params": torch.zeros(2, 768)}, str(embedding))
     problems = compat.check_fit(artifacts.read_artifact(embedding), base).blocking
     assert problems == ["embedding width 768, the base's text encoder takes 32"]
+
+
+def test_diffusers_layout_loras_are_checked_by_keys_and_shapes(tiny_base, tmp_path):
+    base = models.load_base_model(tiny_base["folder"])
+    prefix = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(
+        {f"{prefix}.lora_A.weight": torch.zeros(2, 32), f"{prefix}.lora_B.weight": torch.zeros(64, 2)}, str(path)
+    )
+    artifact = artifacts.read_artifact(tmp_path)  # a diffusers LoRA folder
+    assert artifact.layout == "diffusers-peft"
+    assert list(artifact.lora_modules) == ["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"]
+    assert compat.check_fit(artifact, base).fits
+    save_file(
+        {f"{prefix}.lora_A.weight": torch.zeros(2, 768), f"{prefix}.lora_B.weight": torch.zeros(64, 2)}, str(path)
+    )
+    assert (
+        "do not fit the module's weight (64, 32)" in compat.check_fit(artifacts.read_artifact(path), base).blocking[0]
+    )
+    save_file({f"{prefix}.lora_A.weight": torch.zeros(2, 32)}, str(path))
+    with pytest.raises(formats.FormatError, match="attn2_to_k lacks its lora_B weight"):
+        artifacts.read_artifact(path)
