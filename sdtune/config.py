@@ -166,6 +166,16 @@ class TrainConfig:
         "optim",
         0,
     )
+    min_timestep: int = _field(
+        0, "Train on noise levels t >= this (kohya `min_timestep`; the schedule has 1000 steps).", "optim", 0
+    )
+    max_timestep: int = _field(
+        1000,
+        "Train on noise levels t < this (kohya `max_timestep`). Below ~700 the layout and colours of an image are "
+        "already fixed, so a LoRA trained only there changes details and leaves composition to the base model.",
+        "optim",
+        1,
+    )
     batch_size: int = _field(1, "Images per forward pass.", "optim", 1)
     gradient_accumulation_steps: int = _field(
         1, "Forward passes per optimizer step; effective batch = batch_size x this.", "optim", 1
@@ -517,6 +527,11 @@ def _cross_field_errors(config: TrainConfig, given: set[str]) -> list[str]:
         errors.append(
             f"output_name: {config.output_name!r} is also the embedding's file stem (from placeholder_token); "
             "the LoRA and the embedding need different names."
+        )
+    if not config.min_timestep < config.max_timestep <= 1000:
+        errors.append(
+            f"min_timestep, max_timestep: need 0 <= min < max <= 1000 (the training schedule's length), got "
+            f"{config.min_timestep} and {config.max_timestep}."
         )
     if config.resolution % 8:
         errors.append(f"resolution: must be a multiple of 8 (the VAE downsamples by 8), got {config.resolution}.")

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def sample_timesteps(batch_size: int, num_train_timesteps: int, device: torch.device) -> torch.Tensor:
-    """Timesteps drawn uniformly from `[0, num_train_timesteps)`, one per example."""
-    return torch.randint(0, num_train_timesteps, (batch_size,), device=device, dtype=torch.long)
+def sample_timesteps(batch_size: int, low: int, high: int, device: torch.device) -> torch.Tensor:
+    """Timesteps drawn uniformly from `[low, high)`, one per example (kohya `min_timestep`/`max_timestep`)."""
+    return torch.randint(low, high, (batch_size,), device=device, dtype=torch.long)
 
 
 def sample_noise(latents: torch.Tensor, offset: float = 0.0) -> torch.Tensor:

@@ -113,7 +113,8 @@ def _loss(batch: dict, run: Run, captions: list[str]) -> torch.Tensor:
         pixels = batch["pixel_values"].to(device)
         latents = run.base.vae.encode(pixels).latent_dist.sample() * run.base.vae.config.scaling_factor
     noise = diffusion.sample_noise(latents, config.noise_offset)
-    timesteps = diffusion.sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, device)
+    high = min(config.max_timestep, scheduler.config.num_train_timesteps)
+    timesteps = diffusion.sample_timesteps(latents.shape[0], config.min_timestep, high, device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     with torch.set_grad_enabled(run.text_encoder_trains):  # no activations kept for a frozen text path
         hidden_states = _encode_prompts(run.base.tokenizer, run.text_encoder, captions, device)
