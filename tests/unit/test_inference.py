@@ -231,3 +231,20 @@ def test_a_file_diffusers_would_load_partly_is_refused(pipe, tiny_base, tmp_path
     with pytest.raises(FormatError, match="diffusers' LoRA loader left 1 of 2 modules unapplied"):
         pipe.add_lora(tmp_path / "q_only.safetensors")
     _assert_untouched(pipe, snapshot)
+
+
+def test_our_trained_files_load_on_their_base_and_need_force_elsewhere(ti_config_dict, tiny_base, tmp_path):
+    from sdtune.config import parse_config
+    from sdtune.train import fit, setup
+
+    raw = {k: v for k, v in ti_config_dict.items() if k != "num_vectors"}
+    raw |= {"method": "ti+lora", "lora_rank": 2, "max_steps": 2, "train_text_encoder": True}
+    out = fit(setup(parse_config(raw))).final_path.parent  # trained on the single-file checkpoint
+    on_checkpoint = inference.AdapterPipeline.from_base(tiny_base["checkpoint"])
+    assert on_checkpoint.add_embedding(out / "star.safetensors", token="<star>").warnings == []
+    lora = on_checkpoint.add_lora(out / "star_lora.safetensors")
+    assert lora.warnings == [] and set(lora.components) == {"unet", "text_encoder"}
+    on_folder = inference.AdapterPipeline.from_base(tiny_base["folder"])  # same weights, another file
+    with pytest.raises(IncompatibleArtifactError, match="trained on tiny-sd1 \\(sha256 .*\\), this base is tiny-sd1"):
+        on_folder.add_lora(out / "star_lora.safetensors")
+    assert on_folder.add_lora(out / "star_lora.safetensors", force=True).warnings
