@@ -62,6 +62,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """`sdtune data CONFIG [key=value ...]`: what training would read, per subset, and the step arithmetic."""
+    from sdtune import data
+    from sdtune.train import steps_plan
+
+    config = load_config(args.config, args.overrides)
+    placeholder = config.placeholder_token if config.uses_ti else None
+    examples, problems = data.scan_dataset(config, placeholder)
+    print("\n".join(data.describe_dataset(examples)))
+    if examples:
+        per_epoch, total, epochs = steps_plan(config, len(examples))
+        print(
+            f"total: {len(examples)} samples per epoch; {config.batch_size} per batch x "
+            f"{config.gradient_accumulation_steps} accumulation -> {per_epoch} optimizer steps per epoch; "
+            f"{total} steps in {epochs} epoch(s)"
+        )
+    if problems:
+        raise ConfigError(problems, "data")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """`sdtune inspect FILE [--base MODEL]`: what a LoRA or embedding is, and whether it fits a base model."""
     from sdtune import artifacts, compat
@@ -137,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, function, help_text in (
         ("train", cmd_train, "train as a YAML config says"),
         ("validate", cmd_validate, "check a config, its data and base model without training"),
+        ("data", cmd_data, "show what training would read: subsets, captions, tags, steps (no model loaded)"),
     ):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("config", help="YAML config file")

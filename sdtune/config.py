@@ -23,6 +23,21 @@ import yaml
 METHODS = ("ti", "lora", "ti+lora")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_SOURCES = ("auto", "metadata", "files")
+SUBSET_KEYS = (
+    "image_dir",
+    "num_repeats",
+    "metadata_path",
+    "caption_column",
+    "caption_source",
+    "caption_extension",
+    "class_tokens",
+    "caption_prefix",
+    "caption_suffix",
+    "shuffle_caption",
+    "keep_tokens",
+    "caption_dropout_rate",
+)
 
 
 class ConfigError(Exception):
@@ -132,7 +147,43 @@ class TrainConfig:
         "model",
     )
     # --- data
-    train_data_dir: Optional[str] = _field(None, "Folder with the training images (required).", "data")
+    train_data_dir: Optional[str] = _field(
+        None,
+        "Folder with the training images, or with kohya repeat folders (`10_mychar woman/`: 10 repeats, class tokens "
+        "`mychar woman`). Required unless `subsets` is given.",
+        "data",
+    )
+    subsets: tuple[dict, ...] = _field(
+        (),
+        "Several image folders, each a mapping with `image_dir` and any of `num_repeats`, `metadata_path`, "
+        "`caption_column`, `caption_source`, `caption_extension`, `class_tokens`, `caption_prefix`, `caption_suffix`, "
+        "`shuffle_caption`, `keep_tokens`, `caption_dropout_rate` (unset ones take the top-level values).",
+        "data",
+    )
+    num_repeats: int = _field(1, "Times each image is seen per epoch (kohya repeats).", "data", 1)
+    caption_source: Literal[CAPTION_SOURCES] = _field(
+        "auto",
+        "Where captions come from: `metadata` (metadata.csv), `files` (`<image stem><caption_extension>`), or "
+        "`auto` (whichever exists; both existing is an error).",
+        "data",
+    )
+    caption_extension: str = _field(
+        ".txt", "Extension of per-image caption files (kohya's default is `.caption`).", "data"
+    )
+    class_tokens: Optional[str] = _field(
+        None, "Caption for images that have none (kohya class tokens, e.g. `mychar woman`).", "data"
+    )
+    caption_prefix: Optional[str] = _field(
+        None, "Text put before every caption, e.g. a trigger word `mychar,`; never shuffled.", "data"
+    )
+    caption_suffix: Optional[str] = _field(None, "Text put after every caption; never shuffled.", "data")
+    shuffle_caption: bool = _field(
+        False, "Shuffle the comma-separated tags of each caption every time it is used.", "data"
+    )
+    keep_tokens: int = _field(0, "With `shuffle_caption`: the first N tags of a caption stay in place.", "data", 0)
+    caption_dropout_rate: float = _field(
+        0.0, "Fraction of samples trained with an empty caption (helps classifier-free guidance).", "data", 0
+    )
     metadata_path: Optional[str] = _field(
         None, "CSV with `file_name` and caption columns; default `<train_data_dir>/metadata.csv` if present.", "data"
     )
@@ -290,14 +341,6 @@ class TrainConfig:
         return rates
 
     @property
-    def effective_metadata_path(self) -> Path | None:
-        """The captions CSV in use: `metadata_path`, else `train_data_dir/metadata.csv` when it exists."""
-        if self.metadata_path:
-            return Path(self.metadata_path)
-        default = Path(self.train_data_dir) / "metadata.csv"
-        return default if default.is_file() else None
-
-    @property
     def effective_logging_dir(self) -> Path:
         """`logging_dir`, default `output_dir/logs`."""
         return Path(self.logging_dir) if self.logging_dir else Path(self.output_dir) / "logs"
@@ -319,7 +362,7 @@ ALIASES = {
     "conv_dim": "conv_rank",
     "lr_warmup": "lr_warmup_steps",
 }
-_REQUIRED = ("base_model", "train_data_dir")
+_REQUIRED = ("base_model",)
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -336,6 +379,31 @@ def _expected_type(annotation) -> tuple[type, tuple | None, bool]:
     if typing.get_origin(hint) is Literal:
         return str, typing.get_args(hint), optional
     return hint, None, optional
+
+
+def _coerce_subsets(value):
+    """A list of subset mappings, each key checked like the top-level field of the same name."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, dict) for item in value):
+        return None, f"subsets: expected a list of mappings (each with image_dir), got {value!r}."
+    subsets, errors = [], []
+    for index, item in enumerate(value, start=1):
+        subset = {}
+        for key, setting in item.items():
+            if key not in SUBSET_KEYS:
+                close = difflib.get_close_matches(str(key), SUBSET_KEYS, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                errors.append(f"subsets[{index}].{key}: unknown key.{hint} Keys: {', '.join(SUBSET_KEYS)}.")
+                continue
+            name = "train_data_dir" if key == "image_dir" else key
+            converted, error = _coerce(name, setting)
+            error = error or _check_range(name, converted)
+            if error:
+                errors.append(f"subsets[{index}].{error.replace(name, key, 1)}")
+            subset[key] = converted
+        if not subset.get("image_dir"):
+            errors.append(f"subsets[{index}]: image_dir is required (the folder of this subset's images).")
+        subsets.append(subset)
+    return (None, "; ".join(errors)) if errors else (tuple(subsets), None)
 
 
 def _coerce_list(name: str, value, choices: tuple | None):
@@ -355,6 +423,8 @@ def _coerce_list(name: str, value, choices: tuple | None):
 
 def _coerce(name: str, value):
     """Converts a YAML value to the field's type, or returns an error message."""
+    if name == "subsets":
+        return _coerce_subsets(value)
     base, choices, optional = _expected_type(name)
     if value is None:
         return (None, None) if optional else (None, f"{name}: a value is required (got null).")
@@ -455,6 +525,12 @@ def parse_config(raw: dict, source: str = "config") -> TrainConfig:
     for name in _REQUIRED:
         if values.get(name) is None and not any(e.startswith(f"{name}:") for e in errors):
             errors.append(f"{name}: required. {FIELDS[name].metadata['doc']}")
+    if (
+        not values.get("train_data_dir")
+        and not values.get("subsets")
+        and not any(e.startswith("subsets") for e in errors)
+    ):
+        errors.append(f"train_data_dir: required (or `subsets`). {FIELDS['train_data_dir'].metadata['doc']}")
     config = TrainConfig(**values)
     errors += _cross_field_errors(config, {name for name, value in values.items() if value is not None})
     if errors:
@@ -528,6 +604,14 @@ def _cross_field_errors(config: TrainConfig, given: set[str]) -> list[str]:
             f"output_name: {config.output_name!r} is also the embedding's file stem (from placeholder_token); "
             "the LoRA and the embedding need different names."
         )
+    if config.subsets and config.train_data_dir:
+        errors.append("train_data_dir, subsets: give one; each subset names its own image_dir.")
+    rates = [("caption_dropout_rate", config.caption_dropout_rate)]
+    rates += [
+        (f"subsets[{i}].caption_dropout_rate", s.get("caption_dropout_rate") or 0)
+        for i, s in enumerate(config.subsets, 1)
+    ]
+    errors += [f"{name}: must be at most 1, got {rate}." for name, rate in rates if rate > 1]
     if not config.min_timestep < config.max_timestep <= 1000:
         errors.append(
             f"min_timestep, max_timestep: need 0 <= min < max <= 1000 (the training schedule's length), got "
@@ -557,9 +641,11 @@ def check_paths(config: TrainConfig) -> list[str]:
         errors.append(
             f"base_model_config: {config.base_model_config} is not a diffusers folder (no model_index.json)."
         )
-    data_dir = Path(config.train_data_dir)
-    if not data_dir.is_dir():
-        errors.append(f"train_data_dir: {data_dir} is not a folder.")
+    folders = [("train_data_dir", config.train_data_dir)] if config.train_data_dir else []
+    folders += [(f"subsets[{i}].image_dir", s["image_dir"]) for i, s in enumerate(config.subsets, 1)]
+    errors += [f"{name}: {folder} is not a folder." for name, folder in folders if not Path(folder).is_dir()]
+    metadata = [(f"subsets[{i}].metadata_path", s.get("metadata_path")) for i, s in enumerate(config.subsets, 1)]
+    errors += [f"{name}: {path} does not exist." for name, path in metadata if path and not Path(path).is_file()]
     if config.network_weights and not Path(config.network_weights).is_file():
         errors.append(f"network_weights: {config.network_weights} does not exist.")
     if config.metadata_path and not Path(config.metadata_path).is_file():
@@ -616,6 +702,7 @@ def config_reference() -> str:
         base, choices, optional = _expected_type(f.name)
         kind = " \\| ".join(choices) if choices else ("text" if base is tuple else base.__name__)
         kind = f"list of {kind}" if base is tuple else kind
+        kind = "list of mappings" if f.name == "subsets" else kind
         default = "—" if f.default is None else f"`{list(f.default) if isinstance(f.default, tuple) else f.default}`"
         lines.append(f"| `{f.name}` | {kind}{' or null' if optional else ''} | {default} | {f.metadata['doc']} |")
     aliases = ", ".join(f"`{alias}` → `{name}`" for alias, name in ALIASES.items())

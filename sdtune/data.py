@@ -7,13 +7,14 @@ columns, captions name the placeholder) and returns the examples; `ImageCaptionD
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
 
-from sdtune.config import IMAGE_SUFFIXES, TrainConfig
+from sdtune.config import IMAGE_SUFFIXES, SUBSET_KEYS, TrainConfig
 
 # Prompt templates used when a TI dataset has no captions (the Textual Inversion paper's setup, Gal et al. 2022).
 OBJECT_TEMPLATES = (
@@ -42,11 +43,34 @@ _MAX_LISTED = 5
 
 
 @dataclass(frozen=True)
+class Subset:
+    """One image folder and how its captions are found and used (a `subsets` entry, a kohya repeat folder, or the
+    top-level `train_data_dir`)."""
+
+    image_dir: Path
+    name: str  # what `ss_dataset_dirs` and the dry run call it: the folder name
+    setting: str = "train_data_dir"  # the config key that names it, for messages
+    num_repeats: int = 1
+    metadata_path: Path | None = None
+    caption_column: str = "text"
+    caption_source: str = "auto"
+    caption_extension: str = ".txt"
+    class_tokens: str | None = None
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_dropout_rate: float = 0.0
+
+
+@dataclass(frozen=True)
 class Example:
-    """One training image and its caption (None: the caption comes from the TI templates)."""
+    """One training image and its caption (None: the caption comes from the TI templates), in its subset."""
 
     image_path: Path
     caption: str | None
+    subset: Subset | None = None
+    caption_origin: str = "none"  # "metadata", "file", "class tokens" or "none" (templates / empty prompt)
 
 
 def _listing(items: list[str]) -> str:
@@ -91,46 +115,182 @@ def _check_image(path: Path) -> str | None:
     return None
 
 
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
+_INHERITED = tuple(key for key in SUBSET_KEYS if key not in ("image_dir", "metadata_path"))
+
+
+def _subset(folder: Path, settings: dict, setting: str = "train_data_dir") -> Subset:
+    metadata = settings.get("metadata_path")
+    values = {key: settings[key] for key in _INHERITED if settings.get(key) is not None}
+    return Subset(folder, folder.name, setting, metadata_path=Path(metadata) if metadata else None, **values)
+
+
+def resolve_subsets(config: TrainConfig) -> tuple[list[Subset], list[str]]:
+    """The image folders a config trains on: its `subsets`, the kohya repeat folders (`10_mychar woman/`) inside
+    `train_data_dir`, or `train_data_dir` itself. Unset subset settings take the top-level values; a repeat folder
+    takes its repeats and class tokens from its name. Returns (subsets, problems)."""
+    top = {key: getattr(config, key) for key in _INHERITED}
+    if config.subsets:
+        return [
+            _subset(Path(item["image_dir"]), {**top, **item}, f"subsets[{index}].image_dir")
+            for index, item in enumerate(config.subsets, start=1)
+        ], []
+    root = Path(config.train_data_dir)
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    repeat_folders = [p for p in folders if KOHYA_FOLDER.match(p.name)]
+    if not repeat_folders:
+        return [_subset(root, {**top, "metadata_path": config.metadata_path})], []
+    errors = []
+    if list_images(root):
+        errors.append(
+            f"train_data_dir: {root} holds images next to kohya repeat folders ({repeat_folders[0].name}, ...); "
+            f"those images would not be trained. Move them into a repeat folder such as 1_{root.name}/."
+        )
+    others = [p.name for p in folders if not KOHYA_FOLDER.match(p.name)]
+    if others:
+        errors.append(
+            f"train_data_dir: {root} has folders that are not repeat folders (`<repeats>_<class tokens>`): "
+            f"{_listing(others)}; they would not be trained. Rename them (e.g. 1_{others[0]}) or move them out."
+        )
+    subsets = []
+    for folder in repeat_folders:
+        repeats, tokens = KOHYA_FOLDER.match(folder.name).groups()
+        subsets.append(_subset(folder, {**top, "num_repeats": int(repeats), "class_tokens": tokens}))
+    return subsets, errors
+
+
+def _uses_metadata(subset: Subset) -> bool:
+    """Whether `_subset_captions` reads a metadata CSV for this subset (after a successful scan)."""
+    if subset.caption_source != "auto":
+        return subset.caption_source == "metadata"
+    return (subset.metadata_path or subset.image_dir / "metadata.csv").is_file()
+
+
+def _caption_files(subset: Subset, images: list[Path]) -> tuple[dict[str, str], list[str]]:
+    captions, errors = {}, []
+    for image in images:
+        path = image.with_suffix(subset.caption_extension)
+        if path.is_file():
+            try:
+                captions[image.name] = path.read_text(encoding="utf-8-sig").strip()
+            except UnicodeDecodeError as error:
+                errors.append(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8.")
+    return captions, errors
+
+
+def _wrong_extension_hint(subset: Subset) -> str | None:
+    """The kohya pitfall: captions saved as `.caption` (or `.txt`) while the other extension is configured."""
+    for extension in (".caption", ".txt", ".tags"):
+        if extension != subset.caption_extension and any(subset.image_dir.glob(f"*{extension}")):
+            return (
+                f"{subset.image_dir} has {extension} files but caption_extension is {subset.caption_extension!r}, "
+                f"so they would be ignored. Set caption_extension: {extension}."
+            )
+    return None
+
+
+def _subset_captions(subset: Subset, images: list[Path]) -> tuple[dict[str, str] | None, list[str]]:
+    """(file name -> caption, problems); None when the subset has no captions at all."""
+    metadata = subset.metadata_path or (subset.image_dir / "metadata.csv")
+    metadata = metadata if metadata.is_file() else None
+    files, errors = _caption_files(subset, images)
+    has_files = any(image.with_suffix(subset.caption_extension).is_file() for image in images)
+    source = subset.caption_source
+    if source == "auto":
+        if metadata and has_files:
+            return None, [
+                f"{subset.image_dir}: has both {metadata.name} and {len(files)} {subset.caption_extension} caption "
+                "file(s); sdtune would have to ignore one. Set caption_source: metadata or caption_source: files."
+            ]
+        source = "metadata" if metadata else "files" if has_files else None
+    if source == "metadata":
+        if metadata is None:
+            return None, [f"{subset.image_dir}: caption_source is metadata but there is no metadata.csv."]
+        captions, csv_errors = read_metadata(metadata, subset.caption_column)
+        mismatch = _metadata_mismatch(metadata, captions, images, subset) if captions or not csv_errors else []
+        return captions, errors + csv_errors + mismatch
+    if source == "files":
+        missing = [p.name for p in images if not p.with_suffix(subset.caption_extension).is_file()]
+        if missing and not subset.class_tokens:
+            errors.append(
+                f"{subset.image_dir}: no {subset.caption_extension} caption for {_listing(missing)}; write them, or "
+                "set class_tokens to caption those images."
+            )
+        return files, errors
+    hint = _wrong_extension_hint(subset)
+    return None, errors + ([hint] if hint else [])
+
+
+def _metadata_mismatch(path: Path, captions: dict[str, str], images: list[Path], subset: Subset) -> list[str]:
+    if not captions:
+        return [f"metadata_path: {path} has no rows."]
+    names = {p.name for p in images}
+    errors = []
+    missing = sorted(name for name in captions if name not in names)
+    if missing:
+        errors.append(f"metadata_path: {path} names files not in {subset.image_dir}: {_listing(missing)}.")
+    uncaptioned = sorted(name for name in names if name not in captions)
+    if uncaptioned and not subset.class_tokens:
+        errors.append(
+            f"metadata_path: {path} has no row for {_listing(uncaptioned)}; add rows, move the images out, or set "
+            "class_tokens to caption them."
+        )
+    return errors
+
+
+def full_caption(caption: str | None, subset: Subset | None) -> str | None:
+    """A caption with the subset's prefix and suffix (joined with `, `); None stays None (templates)."""
+    if caption is None or subset is None:
+        return caption
+    parts = [subset.caption_prefix, caption, subset.caption_suffix]
+    return ", ".join(part for part in parts if part)
+
+
+def scan_subset(subset: Subset, placeholder: str | None) -> tuple[list[Example], list[str]]:
+    """The examples of one subset (each image once; `expand_repeats` repeats them) and every problem found."""
+    images = list_images(subset.image_dir) if subset.image_dir.is_dir() else []
+    if not images:
+        return [], [f"{subset.setting}: {subset.image_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})."]
+    errors = [e for e in map(_check_image, images) if e]
+    captions, caption_errors = _subset_captions(subset, images)
+    errors += caption_errors
+    examples = []
+    origin = "metadata" if _uses_metadata(subset) else "file"
+    for image in images:
+        caption = captions.get(image.name) if captions is not None else None
+        found = origin if caption is not None else "none"
+        if caption is None and subset.class_tokens:
+            caption, found = subset.class_tokens, "class tokens"
+        examples.append(Example(image, caption, subset, found))
+    if placeholder:
+        texts = {e.image_path.name: full_caption(e.caption, subset) for e in examples if e.caption is not None}
+        lacking = sorted(name for name, text in texts.items() if placeholder not in text)
+        if lacking:
+            errors.append(
+                f"{subset.image_dir}: the captions of {_listing(lacking)} lack placeholder_token {placeholder!r}, "
+                "so they would not train the embedding. Add it where the subject is named (e.g. 'a photo of "
+                f"{placeholder} on a beach' or caption_prefix: {placeholder}), or remove the captions to train with "
+                "prompt templates."
+            )
+    return examples, errors
+
+
 def scan_dataset(config: TrainConfig, placeholder: str | None) -> tuple[list[Example], list[str]]:
-    """Finds the training examples and every problem with them, before any model is loaded.
+    """Finds the training examples of every subset and every problem with them, before any model is loaded.
 
     Args:
-        config: The training config (data folder, metadata CSV, caption column).
+        config: The training config (folders, captions, subsets).
         placeholder: The TI placeholder every caption must name, or None.
 
     Returns:
-        (examples, problems). Training must not start while problems is non-empty.
+        (examples, problems): each image once per repeat. Training must not start while problems is non-empty.
     """
-    folder = Path(config.train_data_dir)
-    images = list_images(folder)
-    if not images:
-        return [], [f"train_data_dir: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})."]
-    errors = [e for e in map(_check_image, images) if e]
-    metadata_path = config.effective_metadata_path
-    if metadata_path is None:
-        return [Example(p, None) for p in images], errors
-    captions, csv_errors = read_metadata(metadata_path, config.caption_column)
-    errors += csv_errors
-    if not captions:  # unreadable CSV or missing columns: nothing more to compare
-        return [], errors or [f"metadata_path: {metadata_path} has no rows."]
-    names = {p.name for p in images}
-    missing = sorted(name for name in captions if name not in names)
-    if missing:
-        errors.append(f"metadata_path: {metadata_path} names files not in {folder}: {_listing(missing)}.")
-    uncaptioned = sorted(name for name in names if name not in captions)
-    if uncaptioned:
-        errors.append(
-            f"metadata_path: {metadata_path} has no row for {_listing(uncaptioned)}; add rows or move the images out."
-        )
-    if placeholder:
-        lacking = sorted(name for name, text in captions.items() if placeholder not in text)
-        if lacking:
-            errors.append(
-                f"metadata_path: the captions of {_listing(lacking)} lack placeholder_token {placeholder!r}, "
-                "so they would not train the embedding. Add it where the subject is named (e.g. 'a photo of "
-                f"{placeholder} on a beach'), or remove metadata.csv to train with prompt templates."
-            )
-    examples = [Example(folder / name, captions[name]) for name in sorted(names & captions.keys())]
+    subsets, errors = resolve_subsets(config)
+    examples = []
+    for subset in subsets:
+        found, subset_errors = scan_subset(subset, placeholder)
+        examples += [example for example in found for _ in range(subset.num_repeats)]
+        errors += subset_errors
     return examples, errors
 
 
@@ -162,12 +322,18 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def _caption(self, example: Example) -> str:
-        if example.caption is not None:
-            return example.caption
-        if self.templates_subject is None:
-            raise ValueError(f"{example.image_path} has no caption and no template subject was given.")
-        template = self.templates[int(torch.randint(len(self.templates), ()))]
-        return template.format(self.templates_subject)
+        subset = example.subset
+        if subset is not None and subset.caption_dropout_rate and bool(torch.rand(()) < subset.caption_dropout_rate):
+            return ""
+        if example.caption is None:
+            if self.templates_subject is None:
+                return ""  # LoRA without captions: the empty prompt
+            template = self.templates[int(torch.randint(len(self.templates), ()))]
+            return template.format(self.templates_subject)
+        caption = example.caption
+        if subset is not None and subset.shuffle_caption:
+            caption = shuffle_tags(caption, subset.keep_tokens)
+        return full_caption(caption, subset)
 
     def _pixels(self, path: Path) -> torch.Tensor:
         image = _load_rgb(path)
@@ -191,24 +357,42 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return {"pixel_values": self._pixels(example.image_path), "caption": self._caption(example)}
 
 
+def shuffle_tags(caption: str, keep_tokens: int) -> str:
+    """The caption's comma-separated tags in a random order (torch's generator), the first `keep_tokens` in place."""
+    tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
+    kept, rest = tags[:keep_tokens], tags[keep_tokens:]
+    order = torch.randperm(len(rest)).tolist()
+    return ", ".join(kept + [rest[i] for i in order])
+
+
 def tag_frequency(examples: list[Example]) -> dict[str, int]:
     """Tag counts as kohya writes `ss_tag_frequency`: captions split on `,`, stripped, lowercased, once per image."""
     counts: dict[str, int] = {}
     for example in examples:
-        tags = {tag.strip().lower() for tag in (example.caption or "").split(",") if tag.strip()}
+        caption = full_caption(example.caption, example.subset) or ""
+        tags = {tag.strip().lower() for tag in caption.split(",") if tag.strip()}
         for tag in tags:
             counts[tag] = counts.get(tag, 0) + 1
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def dataset_summary(config: TrainConfig, examples: list[Example]) -> dict:
-    """What the LoRA metadata records about the data: folder name, repeats, image count, tag frequency."""
-    name = Path(config.train_data_dir).resolve().name
-    return {
-        "dataset_dirs": {name: {"n_repeats": 1, "img_count": len(examples)}},
-        "tag_frequency": {name: tag_frequency(examples)},
-        "num_images": len(examples),
-    }
+    """What the LoRA metadata records about the data (kohya's `ss_dataset_dirs`, `ss_tag_frequency`,
+    `ss_num_train_images`): per subset folder its repeats, image count and tag counts; images x repeats in all."""
+    dirs: dict[str, dict] = {}
+    frequencies: dict[str, dict[str, int]] = {}
+    for subset, unique in _by_subset(examples).items():
+        dirs[subset.name] = {"n_repeats": subset.num_repeats, "img_count": len(unique)}
+        frequencies[subset.name] = tag_frequency(unique)
+    return {"dataset_dirs": dirs, "tag_frequency": frequencies, "num_images": len(examples)}
+
+
+def _by_subset(examples: list[Example]) -> dict[Subset, list[Example]]:
+    """Each subset's examples once (without repeats), in order."""
+    groups: dict[Subset, dict[Path, Example]] = {}
+    for example in examples:
+        groups.setdefault(example.subset, {}).setdefault(example.image_path, example)
+    return {subset: list(unique.values()) for subset, unique in groups.items()}
 
 
 def write_metadata(folder: Path, rows: list[dict[str, str]], caption_column: str = "text") -> Path:
@@ -219,3 +403,35 @@ def write_metadata(folder: Path, rows: list[dict[str, str]], caption_column: str
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def _caption_counts(examples: list[Example]) -> str:
+    counts: dict[str, int] = {}
+    for example in examples:
+        counts[example.caption_origin] = counts.get(example.caption_origin, 0) + 1
+    names = {"metadata": "from the metadata CSV", "file": "from caption files", "class tokens": "from class tokens"}
+    names["none"] = "without a caption (TI templates / empty prompt)"
+    return ", ".join(f"{count} {names[origin]}" for origin, count in counts.items())
+
+
+def _caption_options(subset: Subset) -> str:
+    options = [f"prefix {subset.caption_prefix!r}" if subset.caption_prefix else ""]
+    options.append(f"suffix {subset.caption_suffix!r}" if subset.caption_suffix else "")
+    options.append(f"shuffled, first {subset.keep_tokens} kept" if subset.shuffle_caption else "")
+    options.append(f"dropout {subset.caption_dropout_rate:g}" if subset.caption_dropout_rate else "")
+    return ", ".join(option for option in options if option) or "none"
+
+
+def describe_dataset(examples: list[Example], top_tags: int = 8) -> list[str]:
+    """The dry-run report per subset: folder, images, repeats, where captions came from, caption options, tags."""
+    lines = []
+    for number, (subset, unique) in enumerate(_by_subset(examples).items(), start=1):
+        lines.append(f"subset {number}: {subset.image_dir} ({subset.setting})")
+        samples = len(unique) * subset.num_repeats
+        lines.append(f"  {len(unique)} images x {subset.num_repeats} repeats = {samples} samples per epoch")
+        lines.append(f"  captions: {_caption_counts(unique)}")
+        lines.append(f"  caption options: {_caption_options(subset)}")
+        tags = list(tag_frequency(unique).items())[:top_tags]
+        if tags:
+            lines.append("  top tags: " + ", ".join(f"{tag} ({count})" for tag, count in tags))
+    return lines

@@ -71,7 +71,8 @@ def _caption_length_problems(config: TrainConfig, tokenizer, examples: list[data
     for example in examples:
         if example.caption is None:
             continue
-        text = textual_inversion.expand_placeholder(example.caption, placeholder, count)
+        caption = data.full_caption(example.caption, example.subset)
+        text = textual_inversion.expand_placeholder(caption, placeholder, count)
         ids = tokenizer(text, add_special_tokens=False).input_ids
         if len(ids) <= limit:
             continue
