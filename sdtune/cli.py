@@ -69,8 +69,12 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     placeholder = config.placeholder_token if config.uses_ti else None
-    examples, problems = data.scan_dataset(config, placeholder)
+    skipped: list[str] = []
+    examples, problems = data.scan_dataset(config, placeholder, skipped)
     print("\n".join(data.describe_dataset(examples)))
+    if skipped:
+        print(f"skipped {len(skipped)} image(s) (bad_images: skip):")
+        print("\n".join(f"  - {reason}" for reason in skipped))
     if examples:
         per_epoch, total, epochs = steps_plan(config, len(examples))
         print(

@@ -160,6 +160,12 @@ class TrainConfig:
         "`shuffle_caption`, `keep_tokens`, `caption_dropout_rate` (unset ones take the top-level values).",
         "data",
     )
+    bad_images: Literal[("error", "skip")] = _field(
+        "error",
+        "What an unusable image (does not decode, too large, shorter side under an eighth of `resolution`) does: "
+        "`error` stops before training; `skip` leaves it out and lists it.",
+        "data",
+    )
     num_repeats: int = _field(1, "Times each image is seen per epoch (kohya repeats).", "data", 1)
     caption_source: Literal[CAPTION_SOURCES] = _field(
         "auto",

@@ -7,12 +7,15 @@ columns, captions name the placeholder) and returns the examples; `ImageCaptionD
 from __future__ import annotations
 
 import csv
+import logging
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from sdtune.config import IMAGE_SUFFIXES, SUBSET_KEYS, TrainConfig
 
@@ -40,6 +43,7 @@ STYLE_TEMPLATES = (
     "a small painting in the style of {}",
 )
 _MAX_LISTED = 5
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,12 +110,25 @@ def read_metadata(path: Path, caption_column: str) -> tuple[dict[str, str], list
     return captions, errors
 
 
-def _check_image(path: Path) -> str | None:
+def check_image(path: Path, resolution: int) -> str | None:
+    """Why an image cannot be trained on (None when it can): it does not decode completely (truncated, not an image),
+    it is larger than PIL decodes safely, or its shorter side is under an eighth of `resolution` (it would be
+    upscaled more than 8x)."""
     try:
-        with Image.open(path) as image:
-            image.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()  # decodes every pixel: truncated files fail here, not mid-training
+                width, height = image.size
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        return f"{path}: too large to decode safely ({error}); downscale it."
     except Exception as error:  # PIL raises many types for damaged or non-image files
         return f"{path}: not a readable image ({type(error).__name__}: {error})."
+    if min(width, height) * 8 < resolution:
+        return (
+            f"{path}: {width}x{height} would be upscaled more than 8x to reach resolution {resolution} (blurry); "
+            "use a larger image or a lower resolution."
+        )
     return None
 
 
@@ -246,12 +263,34 @@ def full_caption(caption: str | None, subset: Subset | None) -> str | None:
     return ", ".join(part for part in parts if part)
 
 
-def scan_subset(subset: Subset, placeholder: str | None) -> tuple[list[Example], list[str]]:
-    """The examples of one subset (each image once; `expand_repeats` repeats them) and every problem found."""
+def _image_problems(images: list[Path], resolution: int, bad_images: str, skipped: list[str] | None):
+    """(problems, usable images): with `bad_images: skip` a bad image is left out and listed in `skipped`."""
+    problems = {}
+    for image in tqdm(images, desc="checking images", unit="img", disable=len(images) < 200):
+        problem = check_image(image, resolution)
+        if problem:
+            problems[image] = problem
+    if bad_images == "error":
+        fix = " (or set bad_images: skip to train without them)" if problems else ""
+        return [problem + fix for problem in problems.values()], images
+    for problem in problems.values():
+        logger.warning("skipped %s", problem)
+    if skipped is not None:
+        skipped += problems.values()
+    return [], [image for image in images if image not in problems]
+
+
+def scan_subset(
+    subset: Subset, placeholder: str | None, resolution: int = 512, bad_images: str = "error", skipped=None
+) -> tuple[list[Example], list[str]]:
+    """The examples of one subset (each image once) and every problem found; bad images are problems, or are left
+    out and listed in `skipped` with `bad_images: skip`."""
     images = list_images(subset.image_dir) if subset.image_dir.is_dir() else []
     if not images:
         return [], [f"{subset.setting}: {subset.image_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})."]
-    errors = [e for e in map(_check_image, images) if e]
+    errors, images = _image_problems(images, resolution, bad_images, skipped)
+    if not images:
+        return [], errors + [f"{subset.setting}: {subset.image_dir}: no usable image left."]
     captions, caption_errors = _subset_captions(subset, images)
     errors += caption_errors
     examples = []
@@ -275,12 +314,15 @@ def scan_subset(subset: Subset, placeholder: str | None) -> tuple[list[Example],
     return examples, errors
 
 
-def scan_dataset(config: TrainConfig, placeholder: str | None) -> tuple[list[Example], list[str]]:
+def scan_dataset(
+    config: TrainConfig, placeholder: str | None, skipped: list[str] | None = None
+) -> tuple[list[Example], list[str]]:
     """Finds the training examples of every subset and every problem with them, before any model is loaded.
 
     Args:
         config: The training config (folders, captions, subsets).
         placeholder: The TI placeholder every caption must name, or None.
+        skipped: Collects the images `bad_images: skip` left out (with why).
 
     Returns:
         (examples, problems): each image once per repeat. Training must not start while problems is non-empty.
@@ -288,16 +330,21 @@ def scan_dataset(config: TrainConfig, placeholder: str | None) -> tuple[list[Exa
     subsets, errors = resolve_subsets(config)
     examples = []
     for subset in subsets:
-        found, subset_errors = scan_subset(subset, placeholder)
+        found, subset_errors = scan_subset(subset, placeholder, config.resolution, config.bad_images, skipped)
         examples += [example for example in found for _ in range(subset.num_repeats)]
         errors += subset_errors
     return examples, errors
 
 
 def _load_rgb(path: Path) -> Image.Image:
+    """RGB pixels as a viewer shows them: EXIF rotation applied, transparency over white, 16-bit scaled to 8-bit,
+    CMYK / palette / grayscale converted."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "P"):
+        if image.mode.startswith("I"):  # 16/32-bit integer grayscale: convert() would clip at 255
+            scale = 1 / 256 if image.mode.startswith("I;16") or image.getextrema()[1] > 255 else 1
+            image = image.convert("I").point(lambda value: value * scale).convert("L")
+        if image.mode in ("RGBA", "LA", "P", "PA"):
             image = image.convert("RGBA")
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, image)

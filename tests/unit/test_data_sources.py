@@ -171,7 +171,8 @@ def test_data_command_reports_subsets_captions_tags_and_steps(kohya_root, tmp_pa
 
     config = tmp_path / "c.yaml"
     config.write_text(
-        f"method: lora\nbase_model: {tmp_path}\ntrain_data_dir: {kohya_root}\nbatch_size: 4\n", encoding="utf-8"
+        f"method: lora\nbase_model: {tmp_path}\ntrain_data_dir: {kohya_root}\nbatch_size: 4\nresolution: 16\n",
+        encoding="utf-8",
     )
     assert cli.main(["data", str(config), "caption_prefix=trig"]) == 0
     out = capsys.readouterr().out.splitlines()
