@@ -76,7 +76,12 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"skipped {len(skipped)} image(s) (bad_images: skip):")
         print("\n".join(f"  - {reason}" for reason in skipped))
     if examples:
-        per_epoch, total, epochs = steps_plan(config, len(examples))
+        batches = None
+        if config.enable_bucket:
+            plan = data.bucket_plan(examples, config)
+            print("\n".join(data.describe_buckets(plan)))
+            batches = len(data.BucketBatches(plan["assigned"], config.batch_size, config.seed))
+        per_epoch, total, epochs = steps_plan(config, len(examples), batches)
         print(
             f"total: {len(examples)} samples per epoch; {config.batch_size} per batch x "
             f"{config.gradient_accumulation_steps} accumulation -> {per_epoch} optimizer steps per epoch; "

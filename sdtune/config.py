@@ -195,6 +195,21 @@ class TrainConfig:
     )
     caption_column: str = _field("text", "Caption column of the metadata CSV.", "data")
     resolution: int = _field(512, "Training resolution in pixels (square; a multiple of 8).", "data", 8)
+    enable_bucket: bool = _field(
+        False,
+        "Aspect-ratio buckets: each image trains at the bucket size (multiples of `bucket_reso_steps`, area <= "
+        "resolution^2) closest to its aspect ratio instead of a square crop; batches come from one bucket.",
+        "data",
+    )
+    min_bucket_reso: int = _field(256, "Buckets: smallest side in pixels.", "data", 8)
+    max_bucket_reso: int = _field(1024, "Buckets: largest side in pixels.", "data", 8)
+    bucket_reso_steps: int = _field(64, "Buckets: sides are multiples of this (a multiple of 8).", "data", 8)
+    bucket_no_upscale: bool = _field(
+        False,
+        "Buckets: never upscale; an image smaller than resolution^2 trains at its own size rounded down to "
+        "`bucket_reso_steps`, a larger one is scaled down to that area.",
+        "data",
+    )
     center_crop: bool = _field(True, "Crop the centre of each image after resizing; false crops at random.", "data")
     random_flip: bool = _field(
         False, "Flip images horizontally at random (leave off for asymmetric subjects).", "data"
@@ -623,6 +638,8 @@ def _cross_field_errors(config: TrainConfig, given: set[str]) -> list[str]:
             f"min_timestep, max_timestep: need 0 <= min < max <= 1000 (the training schedule's length), got "
             f"{config.min_timestep} and {config.max_timestep}."
         )
+    if config.enable_bucket:
+        errors += _bucket_errors(config)
     if config.resolution % 8:
         errors.append(f"resolution: must be a multiple of 8 (the VAE downsamples by 8), got {config.resolution}.")
     if config.output_name and re.search(r"[\\/:*?\"<>|]", config.output_name):
@@ -632,6 +649,23 @@ def _cross_field_errors(config: TrainConfig, given: set[str]) -> list[str]:
             errors.append(f"{name}: has no effect without sample_prompts; add prompts or remove it.")
     if "lr_warmup_steps" in given and config.lr_warmup_steps and config.lr_scheduler == "constant":
         errors.append("lr_warmup_steps: has no effect with lr_scheduler 'constant'; use 'constant_with_warmup'.")
+    return errors
+
+
+def _bucket_errors(config: TrainConfig) -> list[str]:
+    errors = []
+    if config.bucket_reso_steps % 8:
+        errors.append(
+            f"bucket_reso_steps: must be a multiple of 8 (the VAE downsamples by 8), got {config.bucket_reso_steps}."
+        )
+    if not config.min_bucket_reso <= config.resolution <= config.max_bucket_reso:
+        errors.append(
+            f"min_bucket_reso, max_bucket_reso: need min <= resolution <= max, got {config.min_bucket_reso}, "
+            f"{config.resolution}, {config.max_bucket_reso}."
+        )
+    for name in ("min_bucket_reso", "max_bucket_reso"):
+        if getattr(config, name) % config.bucket_reso_steps:
+            errors.append(f"{name}: must be a multiple of bucket_reso_steps ({config.bucket_reso_steps}).")
     return errors
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ class Example:
     caption: str | None
     subset: Subset | None = None
     caption_origin: str = "none"  # "metadata", "file", "class tokens" or "none" (templates / empty prompt)
+    size: tuple[int, int] | None = None  # (width, height) as displayed (EXIF rotation applied)
 
 
 def _listing(items: list[str]) -> str:
@@ -110,6 +112,21 @@ def read_metadata(path: Path, caption_column: str) -> tuple[dict[str, str], list
     return captions, errors
 
 
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation is applied (orientations 5-8 swap the sides)."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(0x0112) in (5, 6, 7, 8) else (width, height)
+
+
+def _size_or_none(path: Path) -> tuple[int, int] | None:
+    """The displayed size, or None for a file `check_image` reports as unreadable."""
+    try:
+        with Image.open(path) as image:
+            return displayed_size(image)
+    except Exception:  # reported by check_image with its reason
+        return None
+
+
 def check_image(path: Path, resolution: int) -> str | None:
     """Why an image cannot be trained on (None when it can): it does not decode completely (truncated, not an image),
     it is larger than PIL decodes safely, or its shorter side is under an eighth of `resolution` (it would be
@@ -119,7 +136,7 @@ def check_image(path: Path, resolution: int) -> str | None:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()  # decodes every pixel: truncated files fail here, not mid-training
-                width, height = image.size
+                width, height = displayed_size(image)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
         return f"{path}: too large to decode safely ({error}); downscale it."
     except Exception as error:  # PIL raises many types for damaged or non-image files
@@ -300,7 +317,7 @@ def scan_subset(
         found = origin if caption is not None else "none"
         if caption is None and subset.class_tokens:
             caption, found = subset.class_tokens, "class tokens"
-        examples.append(Example(image, caption, subset, found))
+        examples.append(Example(image, caption, subset, found, _size_or_none(image)))
     if placeholder:
         texts = {e.image_path.name: full_caption(e.caption, subset) for e in examples if e.caption is not None}
         lacking = sorted(name for name, text in texts.items() if placeholder not in text)
@@ -336,6 +353,84 @@ def scan_dataset(
     return examples, errors
 
 
+def bucket_sizes(resolution: int, min_side: int, max_side: int, step: int) -> list[tuple[int, int]]:
+    """Every (width, height) with sides multiples of `step` in [min_side, max_side] and the largest height for each
+    width that keeps the area within `resolution`^2 (the kohya bucket set, both orientations)."""
+    sizes = set()
+    for width in range(min_side, max_side + 1, step):
+        height = min(max_side, (resolution * resolution // width) // step * step)
+        if height >= min_side:
+            sizes |= {(width, height), (height, width)}
+    return sorted(sizes)
+
+
+def assign_bucket(size: tuple[int, int], config: TrainConfig, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket an image of `size` trains at: the one whose aspect ratio is closest (log scale; ties to the
+    larger area), or with `bucket_no_upscale` its own size scaled down to at most resolution^2 and rounded down to
+    `bucket_reso_steps`, so no side is ever upscaled."""
+    width, height = size
+    if config.bucket_no_upscale:
+        step = config.bucket_reso_steps
+        scale = min(1.0, math.sqrt(config.resolution**2 / (width * height)))
+        return (max(step, int(width * scale) // step * step), max(step, int(height * scale) // step * step))
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def bucket_plan(examples: list[Example], config: TrainConfig) -> dict:
+    """Bucket per example, images per bucket and the aspect-ratio error (kohya's `ss_bucket_info`)."""
+    buckets = bucket_sizes(config.resolution, config.min_bucket_reso, config.max_bucket_reso, config.bucket_reso_steps)
+    assigned = [assign_bucket(example.size, config, buckets) for example in examples]
+    errors = [abs(b[0] / b[1] - e.size[0] / e.size[1]) for b, e in zip(assigned, examples, strict=True)]
+    counts: dict[tuple[int, int], int] = {}
+    for bucket in assigned:
+        counts[bucket] = counts.get(bucket, 0) + 1
+    info = {str(i): {"resolution": list(b), "count": n} for i, (b, n) in enumerate(sorted(counts.items()))}
+    return {
+        "assigned": assigned,
+        "ss_bucket_info": {"buckets": info, "mean_img_ar_error": sum(errors) / max(1, len(errors))},
+        "max_ar_error": max(errors, default=0.0),
+    }
+
+
+def describe_buckets(plan: dict) -> list[str]:
+    """The dry-run lines for a `bucket_plan`: images per bucket size and the aspect-ratio error."""
+    info = plan["ss_bucket_info"]
+    sizes = ", ".join(f"{b['resolution'][0]}x{b['resolution'][1]}: {b['count']}" for b in info["buckets"].values())
+    return [
+        f"buckets (width x height: samples): {sizes}",
+        f"aspect-ratio error (|bucket - image| width/height): mean {info['mean_img_ar_error']:.3f}, "
+        f"max {plan['max_ar_error']:.3f}",
+    ]
+
+
+class BucketBatches:
+    """Batch sampler for a DataLoader: batches of indices that share a bucket, shuffled within buckets and in
+    order by a seeded generator; a new order each epoch (`set_epoch`), the same order for the same seed."""
+
+    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int):
+        self.groups: dict[tuple[int, int], list[int]] = {}
+        for index, bucket in enumerate(buckets):
+            self.groups.setdefault(bucket, []).append(index)
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Chooses the shuffle of epoch `epoch`."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(math.ceil(len(indices) / self.batch_size) for indices in self.groups.values())
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = []
+        for _, indices in sorted(self.groups.items()):
+            order = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+            batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        self.epoch += 1
+        yield from (batches[i] for i in torch.randperm(len(batches), generator=generator).tolist())
+
+
 def _load_rgb(path: Path) -> Image.Image:
     """RGB pixels as a viewer shows them: EXIF rotation applied, transparency over white, 16-bit scaled to 8-bit,
     CMYK / palette / grayscale converted."""
@@ -357,9 +452,16 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     Randomness (random crop, flip, template choice) uses torch's global generator, so a seeded run is reproducible.
     """
 
-    def __init__(self, examples: list[Example], config: TrainConfig, templates_subject: str | None = None):
+    def __init__(
+        self,
+        examples: list[Example],
+        config: TrainConfig,
+        templates_subject: str | None = None,
+        sizes: list[tuple[int, int]] | None = None,
+    ):
         self.examples = examples
         self.resolution = config.resolution
+        self.sizes = sizes  # per example (width, height) with buckets; None: square `resolution`
         self.center_crop = config.center_crop
         self.random_flip = config.random_flip
         self.templates = STYLE_TEMPLATES if config.learnable_property == "style" else OBJECT_TEMPLATES
@@ -382,26 +484,28 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             caption = shuffle_tags(caption, subset.keep_tokens)
         return full_caption(caption, subset)
 
-    def _pixels(self, path: Path) -> torch.Tensor:
+    def _pixels(self, path: Path, size: tuple[int, int]) -> torch.Tensor:
+        """Resized to cover `size` (aspect kept), cropped to it, maybe flipped, scaled to [-1, 1]."""
         image = _load_rgb(path)
-        scale = self.resolution / min(image.size)
-        size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.LANCZOS)
+        width, height = size
+        scale = max(width / image.width, height / image.height)
+        scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+        image = image.resize(scaled, Image.Resampling.LANCZOS)
         if self.center_crop:
-            left, top = (size[0] - self.resolution) // 2, (size[1] - self.resolution) // 2
+            left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
         else:
-            left = int(torch.randint(size[0] - self.resolution + 1, ()))
-            top = int(torch.randint(size[1] - self.resolution + 1, ()))
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+            left = int(torch.randint(scaled[0] - width + 1, ()))
+            top = int(torch.randint(scaled[1] - height + 1, ()))
+        image = image.crop((left, top, left + width, top + height))
         if self.random_flip and bool(torch.rand(()) < 0.5):
             image = ImageOps.mirror(image)
         array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        pixels = array.view(self.resolution, self.resolution, 3).permute(2, 0, 1).float()
-        return pixels / 127.5 - 1.0
+        return array.view(height, width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
 
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
-        return {"pixel_values": self._pixels(example.image_path), "caption": self._caption(example)}
+        size = self.sizes[index] if self.sizes else (self.resolution, self.resolution)
+        return {"pixel_values": self._pixels(example.image_path, size), "caption": self._caption(example)}
 
 
 def shuffle_tags(caption: str, keep_tokens: int) -> str:

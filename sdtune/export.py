@@ -218,11 +218,16 @@ def kohya_lora_metadata(config, family: str, base_name: str, base_sha256: str, r
         "ss_clip_skip": "None",
         "ss_dataset_dirs": json.dumps(run["dataset"]["dataset_dirs"]),
         "ss_tag_frequency": json.dumps(run["dataset"]["tag_frequency"]),
-        "ss_enable_bucket": "False",
+        "ss_enable_bucket": str(config.enable_bucket),
         "ss_cache_latents": "False",
         "ss_training_started_at": str(run["started_at"]),
         "ss_training_comment": "trained with sdtune",
     }
     if "finished_at" in run:
         metadata["ss_training_finished_at"] = str(run["finished_at"])
+    if config.enable_bucket:
+        metadata["ss_bucket_info"] = json.dumps(run["dataset"]["bucket_info"])
+        metadata["ss_min_bucket_reso"] = str(config.min_bucket_reso)
+        metadata["ss_max_bucket_reso"] = str(config.max_bucket_reso)
+        metadata["ss_bucket_no_upscale"] = str(config.bucket_no_upscale)
     return metadata

@@ -87,13 +87,14 @@ def _caption_length_problems(config: TrainConfig, tokenizer, examples: list[data
     return errors
 
 
-def steps_plan(config: TrainConfig, num_examples: int) -> tuple[int, int, int]:
+def steps_plan(config: TrainConfig, num_examples: int, batches_per_epoch: int | None = None) -> tuple[int, int, int]:
     """(optimizer steps per epoch, total optimizer steps, epochs to run) for a dataset of `num_examples`.
 
-    One epoch is `ceil(num_examples / batch_size)` batches; one optimizer step takes `gradient_accumulation_steps`
-    batches (the last step of an epoch may take fewer). `max_steps`, when set, overrides `epochs`.
+    One epoch is `ceil(num_examples / batch_size)` batches (or `batches_per_epoch`: with buckets every bucket ends
+    in its own partial batch); one optimizer step takes `gradient_accumulation_steps` batches (the last step of an
+    epoch may take fewer). `max_steps`, when set, overrides `epochs`.
     """
-    batches_per_epoch = math.ceil(num_examples / config.batch_size)
+    batches_per_epoch = batches_per_epoch or math.ceil(num_examples / config.batch_size)
     updates_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
     total = config.max_steps or config.epochs * updates_per_epoch
     return updates_per_epoch, total, math.ceil(total / updates_per_epoch)
@@ -217,15 +218,8 @@ def setup(config: TrainConfig) -> Run:
     base = models.load_base_model(config.base_model, config.base_model_config)
     record = compat.base_record(base)  # before a placeholder changes the tokenizer
     trainables = _attach(config, base)
-    dataset = data.ImageCaptionDataset(examples, config, templates_subject=config.placeholder_token)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        shuffle=True,
-        num_workers=config.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-    plan = steps_plan(config, len(dataset))
+    loader, dataset_summary = _data_loader(config, examples)
+    plan = steps_plan(config, len(examples), len(loader))
     optimizer = _optimizer(config, trainables)
     lr_schedule = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=plan[1]
@@ -253,9 +247,30 @@ def setup(config: TrainConfig) -> Run:
         optimizer,
         lr_schedule,
         plan,
-        data.dataset_summary(config, examples),
+        dataset_summary,
         started_at,
     )
+
+
+def _data_loader(config: TrainConfig, examples: list[data.Example]):
+    """(loader, dataset summary for the metadata): square crops in shuffled batches, or with `enable_bucket` each
+    image at its bucket size in batches drawn from one bucket."""
+    summary = data.dataset_summary(config, examples)
+    if not config.enable_bucket:
+        dataset = data.ImageCaptionDataset(examples, config, templates_subject=config.placeholder_token)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            shuffle=True,
+            num_workers=config.dataloader_num_workers,
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+        return loader, {**summary, "batches_per_epoch": len(loader)}
+    plan = data.bucket_plan(examples, config)
+    dataset = data.ImageCaptionDataset(examples, config, config.placeholder_token, sizes=plan["assigned"])
+    batches = data.BucketBatches(plan["assigned"], config.batch_size, config.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=config.dataloader_num_workers)
+    return loader, {**summary, "batches_per_epoch": len(loader), "bucket_info": plan["ss_bucket_info"]}
 
 
 def _log_step(writer, run: Run, step: int, loss: float, started: float) -> None:
@@ -302,7 +317,7 @@ def _lora_metadata(run: Run, steps: int, final: bool) -> dict[str, str]:
         "started_at": run.started_at,
         "steps": steps,
         "epoch": math.ceil(steps / per_epoch),
-        "num_batches_per_epoch": math.ceil(run.dataset["num_images"] / config.batch_size),
+        "num_batches_per_epoch": run.dataset["batches_per_epoch"],
         "num_epochs": epochs,
         "max_steps": total,
         "learning_rates": config.group_learning_rates(),
