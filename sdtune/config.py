@@ -210,6 +210,23 @@ class TrainConfig:
         "`bucket_reso_steps`, a larger one is scaled down to that area.",
         "data",
     )
+    cache_latents: bool = _field(
+        False,
+        "Encode every image with the VAE once before training (needs center_crop; with random_flip both "
+        "orientations are cached) instead of at every step.",
+        "data",
+    )
+    cache_latents_to_disk: bool = _field(
+        False,
+        "With cache_latents: also keep them in sdtune's cache folder, keyed by image content, size, crop, flip and "
+        "VAE, so later runs skip encoding (an edited image is re-encoded).",
+        "data",
+    )
+    cache_text_encoder_outputs: bool = _field(
+        False,
+        "Encode each distinct caption once (only when nothing in the text path trains: no TI, no text-encoder LoRA).",
+        "data",
+    )
     center_crop: bool = _field(True, "Crop the centre of each image after resizing; false crops at random.", "data")
     random_flip: bool = _field(
         False, "Flip images horizontally at random (leave off for asymmetric subjects).", "data"
@@ -640,6 +657,7 @@ def _cross_field_errors(config: TrainConfig, given: set[str]) -> list[str]:
         )
     if config.enable_bucket:
         errors += _bucket_errors(config)
+    errors += _cache_errors(config)
     if config.resolution % 8:
         errors.append(f"resolution: must be a multiple of 8 (the VAE downsamples by 8), got {config.resolution}.")
     if config.output_name and re.search(r"[\\/:*?\"<>|]", config.output_name):
@@ -649,6 +667,21 @@ def _cross_field_errors(config: TrainConfig, given: set[str]) -> list[str]:
             errors.append(f"{name}: has no effect without sample_prompts; add prompts or remove it.")
     if "lr_warmup_steps" in given and config.lr_warmup_steps and config.lr_scheduler == "constant":
         errors.append("lr_warmup_steps: has no effect with lr_scheduler 'constant'; use 'constant_with_warmup'.")
+    return errors
+
+
+def _cache_errors(config: TrainConfig) -> list[str]:
+    errors = []
+    if config.cache_latents and not config.center_crop:
+        errors.append("cache_latents: needs center_crop: true (a random crop differs every epoch, a cache cannot).")
+    if config.cache_latents_to_disk and not config.cache_latents:
+        errors.append("cache_latents_to_disk: has no effect without cache_latents: true; set both.")
+    text_trains = config.uses_ti or (config.uses_lora and config.train_text_encoder is not False)
+    if config.cache_text_encoder_outputs and text_trains:
+        errors.append(
+            "cache_text_encoder_outputs: the text path trains (TI vectors or a text-encoder LoRA), so its outputs "
+            "change every step; set train_text_encoder: false (LoRA) or remove the cache setting."
+        )
     return errors
 
 

@@ -446,6 +446,50 @@ def _load_rgb(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
+class LatentCache:
+    """VAE latent distributions (mean, std) per (image content, training size, crop, flip, VAE), in memory and,
+    with a `folder`, as `.safetensors` files there. The key hashes the image file's bytes, so an edited image never
+    reuses a stale entry; a changed size, crop or VAE gives another key."""
+
+    def __init__(self, folder: Path | None, vae_id: str):
+        self.folder, self.vae_id = folder, vae_id
+        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._file_hashes: dict[Path, str] = {}
+        self.encoded = 0  # entries computed by this process (the rest came from disk)
+
+    def key(self, path: Path, size: tuple[int, int], flipped: bool) -> str:
+        """The entry's name: sha256 over the image bytes' hash, size, crop mode, flip and VAE identity."""
+        import hashlib
+
+        if path not in self._file_hashes:
+            self._file_hashes[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+        text = f"{self._file_hashes[path]}|{size[0]}x{size[1]}|center|{int(flipped)}|{self.vae_id}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cached (mean, std), from memory or disk."""
+        if key not in self.entries and self.folder is not None and (self.folder / f"{key}.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(self.folder / f"{key}.safetensors"))
+            self.entries[key] = (tensors["mean"], tensors["std"])
+        return self.entries.get(key)
+
+    def put(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Stores an entry (written atomically to disk when a folder is set)."""
+        self.entries[key] = (mean.contiguous(), std.contiguous())
+        self.encoded += 1
+        if self.folder is not None:
+            import os
+
+            from safetensors.torch import save_file
+
+            self.folder.mkdir(parents=True, exist_ok=True)
+            temporary = self.folder / f".{key}.tmp{os.getpid()}"
+            save_file({"mean": self.entries[key][0], "std": self.entries[key][1]}, str(temporary))
+            os.replace(temporary, self.folder / f"{key}.safetensors")
+
+
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Images resized so the shorter side is `resolution`, cropped square, scaled to [-1, 1].
 
@@ -462,6 +506,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.examples = examples
         self.resolution = config.resolution
         self.sizes = sizes  # per example (width, height) with buckets; None: square `resolution`
+        self.latent_cache: LatentCache | None = None  # set by `fill_latent_cache`
         self.center_crop = config.center_crop
         self.random_flip = config.random_flip
         self.templates = STYLE_TEMPLATES if config.learnable_property == "style" else OBJECT_TEMPLATES
@@ -484,8 +529,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             caption = shuffle_tags(caption, subset.keep_tokens)
         return full_caption(caption, subset)
 
-    def _pixels(self, path: Path, size: tuple[int, int]) -> torch.Tensor:
-        """Resized to cover `size` (aspect kept), cropped to it, maybe flipped, scaled to [-1, 1]."""
+    def _pixels(self, path: Path, size: tuple[int, int], flip: bool | None = None) -> torch.Tensor:
+        """Resized to cover `size` (aspect kept), cropped to it, flipped (at random when `flip` is None), scaled to
+        [-1, 1]."""
         image = _load_rgb(path)
         width, height = size
         scale = max(width / image.width, height / image.height)
@@ -497,15 +543,49 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             left = int(torch.randint(scaled[0] - width + 1, ()))
             top = int(torch.randint(scaled[1] - height + 1, ()))
         image = image.crop((left, top, left + width, top + height))
-        if self.random_flip and bool(torch.rand(()) < 0.5):
+        flipped = flip if flip is not None else self.random_flip and bool(torch.rand(()) < 0.5)
+        if flipped:
             image = ImageOps.mirror(image)
         array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
         return array.view(height, width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
 
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
-        size = self.sizes[index] if self.sizes else (self.resolution, self.resolution)
-        return {"pixel_values": self._pixels(example.image_path, size), "caption": self._caption(example)}
+        size = self.size_of(index)
+        if self.latent_cache is None:
+            return {"pixel_values": self._pixels(example.image_path, size), "caption": self._caption(example)}
+        flipped = self.random_flip and bool(torch.rand(()) < 0.5)  # the same draw the pixel path makes
+        mean, std = self.latent_cache.get(self.latent_cache.key(example.image_path, size, flipped))
+        return {"latent_mean": mean, "latent_std": std, "caption": self._caption(example)}
+
+    def size_of(self, index: int) -> tuple[int, int]:
+        """(width, height) example `index` trains at."""
+        return self.sizes[index] if self.sizes else (self.resolution, self.resolution)
+
+
+def fill_latent_cache(dataset: ImageCaptionDataset, cache: LatentCache, encode, batch_size: int = 8) -> None:
+    """Encodes every (image, size, flip) the dataset can ask for that the cache lacks, with a progress bar, and
+    makes the dataset read latents from the cache. `encode(pixels [n,3,h,w]) -> (mean, std)`."""
+    flips = (False, True) if dataset.random_flip else (False,)
+    todo: dict[str, tuple[Path, tuple[int, int], bool]] = {}
+    for index, example in enumerate(dataset.examples):
+        for flipped in flips:
+            key = cache.key(example.image_path, dataset.size_of(index), flipped)
+            if key not in todo and cache.get(key) is None:
+                todo[key] = (example.image_path, dataset.size_of(index), flipped)
+    by_size: dict[tuple[int, int], list[str]] = {}
+    for key, (_, size, _) in todo.items():
+        by_size.setdefault(size, []).append(key)
+    with tqdm(total=len(todo), desc="caching latents", unit="img", disable=not todo) as bar:
+        for keys in by_size.values():
+            for start in range(0, len(keys), batch_size):
+                chunk = keys[start : start + batch_size]
+                pixels = torch.stack([dataset._pixels(todo[k][0], todo[k][1], todo[k][2]) for k in chunk])
+                means, stds = encode(pixels)
+                for key, mean, std in zip(chunk, means, stds, strict=True):
+                    cache.put(key, mean.detach().cpu(), std.detach().cpu())
+                bar.update(len(chunk))
+    dataset.latent_cache = cache
 
 
 def shuffle_tags(caption: str, keep_tokens: int) -> str:

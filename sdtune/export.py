@@ -219,7 +219,7 @@ def kohya_lora_metadata(config, family: str, base_name: str, base_sha256: str, r
         "ss_dataset_dirs": json.dumps(run["dataset"]["dataset_dirs"]),
         "ss_tag_frequency": json.dumps(run["dataset"]["tag_frequency"]),
         "ss_enable_bucket": str(config.enable_bucket),
-        "ss_cache_latents": "False",
+        "ss_cache_latents": str(config.cache_latents),
         "ss_training_started_at": str(run["started_at"]),
         "ss_training_comment": "trained with sdtune",
     }

@@ -107,19 +107,38 @@ def _encode_prompts(tokenizer, text_encoder, captions: list[str], device: torch.
     return text_encoder(ids.to(device))[0]
 
 
+def _cached_prompts(run: Run, captions: list[str], device: torch.device) -> torch.Tensor:
+    """Text-encoder outputs with `cache_text_encoder_outputs`: each distinct caption is encoded once."""
+    missing = sorted({caption for caption in captions if caption not in run.text_cache})
+    if missing:
+        with torch.no_grad():
+            encoded = _encode_prompts(run.base.tokenizer, run.text_encoder, missing, device)
+        run.text_cache.update(zip(missing, encoded, strict=True))
+    return torch.stack([run.text_cache[caption] for caption in captions])
+
+
 def _loss(batch: dict, run: Run, captions: list[str]) -> torch.Tensor:
     """Denoising loss of one batch: encode images, add noise at random timesteps, predict, compare; plus the
     prior-preservation loss when `prior_preservation_prompts` are set."""
     device, scheduler, config = run.accelerator.device, run.noise_scheduler, run.config
     with torch.no_grad():
-        pixels = batch["pixel_values"].to(device)
-        latents = run.base.vae.encode(pixels).latent_dist.sample() * run.base.vae.config.scaling_factor
+        if "latent_mean" in batch:  # cached: sample the stored distribution, as latent_dist.sample() does
+            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+            latents = mean + std * torch.randn(mean.shape, device=device, dtype=mean.dtype)
+        else:
+            latents = run.base.vae.encode(batch["pixel_values"].to(device)).latent_dist.sample()
+        # contiguous: the VAE can return channels-last latents on CPU, and randn_like follows the layout, so the
+        # noise for the same seed would depend on where the latents came from (cache or VAE)
+        latents = (latents * run.base.vae.config.scaling_factor).contiguous()
     noise = diffusion.sample_noise(latents, config.noise_offset)
     high = min(config.max_timestep, scheduler.config.num_train_timesteps)
     timesteps = diffusion.sample_timesteps(latents.shape[0], config.min_timestep, high, device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    with torch.set_grad_enabled(run.text_encoder_trains):  # no activations kept for a frozen text path
-        hidden_states = _encode_prompts(run.base.tokenizer, run.text_encoder, captions, device)
+    if run.text_cache is not None:
+        hidden_states = _cached_prompts(run, captions, device)
+    else:
+        with torch.set_grad_enabled(run.text_encoder_trains):  # no activations kept for a frozen text path
+            hidden_states = _encode_prompts(run.base.tokenizer, run.text_encoder, captions, device)
     prediction = run.unet(noisy, timesteps, hidden_states).sample
     loss = diffusion.denoising_loss(prediction, diffusion.training_target(scheduler, latents, noise, timesteps))
     if config.prior_preservation_prompts:
@@ -162,6 +181,7 @@ class Run:
     dataset: dict
     started_at: float
     sample_grids: list = field(default_factory=list)  # every sample grid rendered so far, for progress.png
+    text_cache: dict | None = None  # caption -> text-encoder output, with cache_text_encoder_outputs
 
     @property
     def text_encoder_trains(self) -> bool:
@@ -218,14 +238,14 @@ def setup(config: TrainConfig) -> Run:
     base = models.load_base_model(config.base_model, config.base_model_config)
     record = compat.base_record(base)  # before a placeholder changes the tokenizer
     trainables = _attach(config, base)
-    loader, dataset_summary = _data_loader(config, examples)
+    for module in (base.unet, base.vae, base.text_encoder):
+        module.to(accelerator.device)
+    loader, dataset_summary = _data_loader(config, examples, base)
     plan = steps_plan(config, len(examples), len(loader))
     optimizer = _optimizer(config, trainables)
     lr_schedule = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=plan[1]
     )
-    for module in (base.unet, base.vae, base.text_encoder):
-        module.to(accelerator.device)
     # Only modules with trainable parameters are prepared (wrapped for multi-process runs).
     unet = accelerator.prepare(base.unet) if trainables["unet"] else base.unet
     text_encoder = base.text_encoder
@@ -249,15 +269,17 @@ def setup(config: TrainConfig) -> Run:
         plan,
         dataset_summary,
         started_at,
+        text_cache={} if config.cache_text_encoder_outputs else None,
     )
 
 
-def _data_loader(config: TrainConfig, examples: list[data.Example]):
+def _data_loader(config: TrainConfig, examples: list[data.Example], base: models.BaseModel):
     """(loader, dataset summary for the metadata): square crops in shuffled batches, or with `enable_bucket` each
-    image at its bucket size in batches drawn from one bucket."""
+    image at its bucket size in batches drawn from one bucket; latents from a cache with `cache_latents`."""
     summary = data.dataset_summary(config, examples)
     if not config.enable_bucket:
         dataset = data.ImageCaptionDataset(examples, config, templates_subject=config.placeholder_token)
+        _maybe_cache_latents(config, dataset, base)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=config.batch_size,
@@ -268,9 +290,25 @@ def _data_loader(config: TrainConfig, examples: list[data.Example]):
         return loader, {**summary, "batches_per_epoch": len(loader)}
     plan = data.bucket_plan(examples, config)
     dataset = data.ImageCaptionDataset(examples, config, config.placeholder_token, sizes=plan["assigned"])
+    _maybe_cache_latents(config, dataset, base)
     batches = data.BucketBatches(plan["assigned"], config.batch_size, config.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=config.dataloader_num_workers)
     return loader, {**summary, "batches_per_epoch": len(loader), "bucket_info": plan["ss_bucket_info"]}
+
+
+def _maybe_cache_latents(config: TrainConfig, dataset: data.ImageCaptionDataset, base: models.BaseModel) -> None:
+    """With `cache_latents`: every image encoded once now (or read from the disk cache) instead of every step."""
+    if not config.cache_latents:
+        return
+    folder = models.cache_dir() / "latents" if config.cache_latents_to_disk else None
+    vae_id = f"{models.base_model_sha256(base.source)}:{next(base.vae.parameters()).dtype}"
+
+    def encode(pixels: torch.Tensor):
+        with torch.no_grad():
+            distribution = base.vae.encode(pixels.to(base.vae.device, base.vae.dtype)).latent_dist
+        return distribution.mean, distribution.std
+
+    data.fill_latent_cache(dataset, data.LatentCache(folder, vae_id), encode, batch_size=config.batch_size)
 
 
 def _log_step(writer, run: Run, step: int, loss: float, started: float) -> None:
