@@ -11,6 +11,7 @@ from sdtune.compat import IncompatibleArtifactError
 from sdtune.config import ConfigError, load_config
 from sdtune.formats import FormatError
 from sdtune.jobs import JobError
+from sdtune.labeling import LabelError
 from sdtune.models import PRESETS, ModelError
 from sdtune.prompts import PromptError
 
@@ -90,6 +91,50 @@ def cmd_data(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError(problems, "data")
     return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    """`sdtune label DIR [--backend template|openclip|blip] ...`: write or update DIR/metadata.csv."""
+    from pathlib import Path
+
+    from sdtune import labeling
+
+    result = labeling.label_folder(
+        Path(args.folder),
+        _captioner(args),
+        trigger=args.trigger,
+        prefix=args.prefix,
+        suffix=args.suffix,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        caption_column=args.caption_column,
+    )
+    print(f"wrote {result.written} caption(s), kept {result.kept} existing: {result.path}")
+    top = list(result.tag_frequency.items())[:15]
+    if top:
+        print("tags: " + ", ".join(f"{tag} ({count})" for tag, count in top))
+    return 0
+
+
+def _captioner(args: argparse.Namespace):
+    from pathlib import Path
+
+    from sdtune import labeling
+
+    if args.backend == "template":
+        return labeling.TemplateCaptioner(args.template, args.trigger or "")
+    if not args.model:
+        raise labeling.LabelError(f"--backend {args.backend} needs --model (an open_clip model name / a BLIP folder).")
+    if args.backend == "blip":
+        return labeling.BlipCaptioner(args.model, device=args.device)
+    if args.model_config:
+        import open_clip
+
+        open_clip.add_model_config(args.model_config)
+    tags = labeling.DEFAULT_TAGS
+    if args.tags:
+        tags = tuple(t.strip() for t in Path(args.tags).read_text(encoding="utf-8").splitlines() if t.strip())
+    return labeling.OpenClipTagger(args.model, args.pretrained, tags, args.top_k, args.threshold, args.device)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -186,10 +231,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     sub.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the checkpoint file")
     sub.set_defaults(function=cmd_make_base)
+    sub = commands.add_parser("label", help="caption an image folder into metadata.csv (file_name,text)")
+    _add_label_arguments(sub)
+    sub.set_defaults(function=cmd_label)
     sub = commands.add_parser("generate", help="generate images with stacked LoRAs and embeddings")
     _add_generate_arguments(sub)
     sub.set_defaults(function=cmd_generate)
     return parser
+
+
+def _add_label_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("folder", help="image folder; DIR/metadata.csv is written or updated")
+    sub.add_argument("--backend", choices=("template", "openclip", "blip"), default="template")
+    sub.add_argument("--template", default="a photo of {trigger}", help="template backend: the caption")
+    sub.add_argument("--trigger", help="trigger word, put first in every caption (unless already there)")
+    sub.add_argument("--prefix", help="text before every caption")
+    sub.add_argument("--suffix", help="text after every caption")
+    sub.add_argument("--overwrite", action="store_true", help="replace existing captions (default: keep them)")
+    sub.add_argument("--batch-size", type=int, default=8, help="images per model call")
+    sub.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    sub.add_argument("--caption-column", default="text", help="caption column of metadata.csv")
+    sub.add_argument("--model", help="openclip: model name (e.g. ViT-B-32); blip: model folder or hub name")
+    sub.add_argument("--pretrained", help="openclip: local checkpoint file or pretrained tag (e.g. openai)")
+    sub.add_argument("--model-config", help="openclip: JSON config of a model open_clip does not list")
+    sub.add_argument("--tags", help="openclip: tag vocabulary file, one tag per line (default: a built-in list)")
+    sub.add_argument("--top-k", type=int, default=5, help="openclip: tags per image")
+    sub.add_argument("--threshold", type=float, default=-1.0, help="openclip: minimum cosine similarity")
 
 
 def _add_generate_arguments(sub: argparse.ArgumentParser) -> None:
@@ -230,6 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.function(args)
-    except (ConfigError, ModelError, FormatError, IncompatibleArtifactError, JobError, PromptError) as error:
+    except (
+        ConfigError,
+        ModelError,
+        FormatError,
+        IncompatibleArtifactError,
+        JobError,
+        PromptError,
+        LabelError,
+    ) as error:
         print(f"sdtune {args.command}: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -431,7 +431,7 @@ class BucketBatches:
         yield from (batches[i] for i in torch.randperm(len(batches), generator=generator).tolist())
 
 
-def _load_rgb(path: Path) -> Image.Image:
+def load_rgb(path: Path) -> Image.Image:
     """RGB pixels as a viewer shows them: EXIF rotation applied, transparency over white, 16-bit scaled to 8-bit,
     CMYK / palette / grayscale converted."""
     with Image.open(path) as image:
@@ -532,7 +532,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def _pixels(self, path: Path, size: tuple[int, int], flip: bool | None = None) -> torch.Tensor:
         """Resized to cover `size` (aspect kept), cropped to it, flipped (at random when `flip` is None), scaled to
         [-1, 1]."""
-        image = _load_rgb(path)
+        image = load_rgb(path)
         width, height = size
         scale = max(width / image.width, height / image.height)
         scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))

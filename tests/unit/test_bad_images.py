@@ -50,7 +50,7 @@ def test_each_bad_file_is_named_before_training(tmp_path, monkeypatch):
 
 
 def _loaded(path: Path) -> np.ndarray:
-    return np.asarray(data._load_rgb(path))
+    return np.asarray(data.load_rgb(path))
 
 
 def test_unusual_modes_load_as_a_viewer_shows_them(tmp_path):
@@ -81,7 +81,7 @@ def test_exif_rotation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
     image.save(tmp_path / "rotated.jpg", exif=exif)
-    assert data._load_rgb(tmp_path / "rotated.jpg").size == (8, 16)
+    assert data.load_rgb(tmp_path / "rotated.jpg").size == (8, 16)
 
 
 @pytest.mark.parametrize("policy", ["error", "skip"])
