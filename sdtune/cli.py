@@ -50,7 +50,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     _quiet_libraries()
     examples = preflight(config)
     captioned = sum(example.caption is not None for example in examples)
-    per_epoch, total, epochs = steps_plan(config, len(examples))
+    per_epoch, total, epochs = steps_plan(config, len(examples), _bucket_batches(config, examples))
     print(f"{args.config}: OK")
     print(f"  method {config.method}, base model {config.base_model}")
     print(f"  {len(examples)} images, {captioned} with captions" + ("" if captioned else " (prompt templates)"))
@@ -77,12 +77,9 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"skipped {len(skipped)} image(s) (bad_images: skip):")
         print("\n".join(f"  - {reason}" for reason in skipped))
     if examples:
-        batches = None
         if config.enable_bucket:
-            plan = data.bucket_plan(examples, config)
-            print("\n".join(data.describe_buckets(plan)))
-            batches = len(data.BucketBatches(plan["assigned"], config.batch_size, config.seed))
-        per_epoch, total, epochs = steps_plan(config, len(examples), batches)
+            print("\n".join(data.describe_buckets(data.bucket_plan(examples, config))))
+        per_epoch, total, epochs = steps_plan(config, len(examples), _bucket_batches(config, examples))
         print(
             f"total: {len(examples)} samples per epoch; {config.batch_size} per batch x "
             f"{config.gradient_accumulation_steps} accumulation -> {per_epoch} optimizer steps per epoch; "
@@ -135,6 +132,16 @@ def _captioner(args: argparse.Namespace):
     if args.tags:
         tags = tuple(t.strip() for t in Path(args.tags).read_text(encoding="utf-8").splitlines() if t.strip())
     return labeling.OpenClipTagger(args.model, args.pretrained, tags, args.top_k, args.threshold, args.device)
+
+
+def _bucket_batches(config, examples) -> int | None:
+    """Batches per epoch with `enable_bucket` (each bucket ends in its own partial batch); None without buckets."""
+    from sdtune import data
+
+    if not config.enable_bucket:
+        return None
+    plan = data.bucket_plan(examples, config)
+    return len(data.BucketBatches(plan["assigned"], config.batch_size, config.seed))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -188,3 +188,22 @@ def test_data_command_reports_subsets_captions_tags_and_steps(kohya_root, tmp_pa
     (kohya_root / "stray").mkdir()
     assert cli.main(["data", str(config)]) == 2
     assert "not repeat folders" in capsys.readouterr().err
+
+
+def test_the_lora_header_records_the_subsets(kohya_root, tiny_base, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from sdtune.train import train
+
+    raw = {"train_data_dir": str(kohya_root), "base_model": str(tiny_base["folder"]), "max_steps": 1, "lora_rank": 2}
+    result = train(_lora_config(**raw, batch_size=4, output_dir=str(tmp_path / "out")))
+    with safe_open(str(result.saved_paths[-1]), "pt") as handle:
+        metadata = handle.metadata()
+    assert json.loads(metadata["ss_dataset_dirs"]) == {
+        "10_mychar woman": {"n_repeats": 10, "img_count": 2},
+        "2_style": {"n_repeats": 2, "img_count": 1},
+    }
+    assert json.loads(metadata["ss_tag_frequency"])["2_style"] == {"style": 1}
+    assert metadata["ss_num_train_images"] == "22" and metadata["ss_num_batches_per_epoch"] == "6"
