@@ -49,11 +49,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     _quiet_libraries()
     examples = preflight(config)
-    captioned = sum(example.caption is not None for example in examples)
+    captioned = len({example.image_path for example in examples if example.caption is not None})
+    images = len({example.image_path for example in examples})
+    repeats = "" if images == len(examples) else f" ({len(examples)} samples per epoch with repeats)"
     per_epoch, total, epochs = steps_plan(config, len(examples), _bucket_batches(config, examples))
     print(f"{args.config}: OK")
     print(f"  method {config.method}, base model {config.base_model}")
-    print(f"  {len(examples)} images, {captioned} with captions" + ("" if captioned else " (prompt templates)"))
+    print(f"  {images} images, {captioned} with captions" + ("" if captioned else " (prompt templates)") + repeats)
     print(
         f"  {config.batch_size} images per batch x {config.gradient_accumulation_steps} accumulation = "
         f"{config.batch_size * config.gradient_accumulation_steps} per optimizer step"
