@@ -7,6 +7,7 @@ import os
 import sys
 
 from sdtune import __version__
+from sdtune.checkpoint import StateError
 from sdtune.compat import IncompatibleArtifactError
 from sdtune.config import ConfigError, load_config
 from sdtune.formats import FormatError
@@ -16,6 +17,7 @@ from sdtune.models import PRESETS, ModelError
 from sdtune.prompts import PromptError
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
 def _quiet_libraries() -> None:
@@ -31,11 +33,15 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`sdtune train CONFIG [key=value ...]`."""
-    from sdtune.train import train
+    from sdtune.train import TrainingInterrupted, train
 
     config = load_config(args.config, args.overrides)
     _quiet_libraries()
-    result = train(config)
+    try:
+        result = train(config)
+    except TrainingInterrupted as stopped:
+        print(f"sdtune train: {stopped}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"trained {result.steps} steps, last loss {result.last_loss:.4f}")
     for path in result.saved_paths:
         print(f"wrote {path}")
@@ -314,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         JobError,
         PromptError,
         LabelError,
+        StateError,
     ) as error:
         print(f"sdtune {args.command}: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

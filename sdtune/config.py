@@ -292,6 +292,19 @@ class TrainConfig:
     save_steps: Optional[int] = _field(
         None, "Also save every N optimizer steps (`<name>-step00000100.*`).", "output", 1
     )
+    save_state: bool = _field(
+        True,
+        "With every save (and at the end, and on Ctrl-C / SIGTERM) also write the resumable training state to "
+        "`<output_dir>/state/step-N/` (weights, optimizer, LR schedule, RNG states, position in the data).",
+        "output",
+    )
+    keep_last_n: Optional[int] = _field(3, "Keep only the newest N training states (null: keep all).", "output", 1)
+    resume: Optional[str] = _field(
+        None,
+        "Continue from a saved state: `latest` (the newest in output_dir) or a state folder. The result equals an "
+        "uninterrupted run with the same config.",
+        "output",
+    )
     logging_dir: Optional[str] = _field(None, "TensorBoard folder; default `<output_dir>/logs`.", "output")
     sample_prompts: tuple[str, ...] = _field(
         (),

@@ -405,30 +405,35 @@ def describe_buckets(plan: dict) -> list[str]:
 
 
 class BucketBatches:
-    """Batch sampler for a DataLoader: batches of indices that share a bucket, shuffled within buckets and in
-    order by a seeded generator; a new order each epoch (`set_epoch`), the same order for the same seed."""
+    """Batch sampler for a DataLoader: batches of indices that share a bucket (one bucket for square crops),
+    shuffled within buckets and in order by a generator seeded with `seed + epoch`, so any epoch's order can be
+    rebuilt exactly (resume) and equal seeds give equal orders. `set_epoch(epoch, skip)` picks the epoch and how many
+    of its batches were already used."""
 
     def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int):
         self.groups: dict[tuple[int, int], list[int]] = {}
         for index, bucket in enumerate(buckets):
             self.groups.setdefault(bucket, []).append(index)
-        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self.batch_size, self.seed, self.epoch, self.skip = batch_size, seed, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Chooses the shuffle of epoch `epoch`."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Chooses the order of epoch `epoch`, starting after its first `skip` batches."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
         return sum(math.ceil(len(indices) / self.batch_size) for indices in self.groups.values())
 
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of epoch `epoch`, in order."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
         batches = []
         for _, indices in sorted(self.groups.items()):
             order = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
             batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        self.epoch += 1
-        yield from (batches[i] for i in torch.randperm(len(batches), generator=generator).tolist())
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+    def __iter__(self):
+        yield from self.epoch_batches(self.epoch)[self.skip :]
 
 
 def load_rgb(path: Path) -> Image.Image:

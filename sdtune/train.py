@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sdtune import compat, data, diffusion, export, formats, inference, models
+from sdtune import checkpoint, compat, data, diffusion, export, formats, inference, models
 from sdtune.config import ConfigError, TrainConfig, to_dict
 from sdtune.methods import lora, textual_inversion
 
@@ -38,6 +38,11 @@ def preflight(config: TrainConfig) -> list[data.Example]:
         ConfigError: With all problems found; nothing has been loaded yet.
     """
     errors: list[str] = []
+    if config.resume:
+        try:
+            checkpoint.resolve(config.resume, Path(config.output_dir))
+        except checkpoint.StateError as error:
+            errors.append(str(error))
     if config.network_weights:
         errors += lora.file_config_problems(Path(config.network_weights), config)
     placeholder = config.placeholder_token if config.uses_ti else None
@@ -253,7 +258,7 @@ def setup(config: TrainConfig) -> Run:
         text_encoder = accelerator.prepare(base.text_encoder)
         text_encoder.train()
     unet.train(bool(trainables["unet"]))
-    optimizer, loader = accelerator.prepare(optimizer, loader)
+    optimizer = accelerator.prepare(optimizer)  # the loader stays ours: its order is part of the resumable state
     return Run(
         config,
         accelerator,
@@ -274,26 +279,27 @@ def setup(config: TrainConfig) -> Run:
 
 
 def _data_loader(config: TrainConfig, examples: list[data.Example], base: models.BaseModel):
-    """(loader, dataset summary for the metadata): square crops in shuffled batches, or with `enable_bucket` each
-    image at its bucket size in batches drawn from one bucket; latents from a cache with `cache_latents`."""
+    """(loader, dataset summary for the metadata). Batches come from `data.BucketBatches`: square crops in one bucket,
+    or with `enable_bucket` each image at its bucket size, batches drawn within a bucket; the order of every epoch
+    follows from the seed, so a resumed run continues exactly. Latents come from a cache with `cache_latents`."""
     summary = data.dataset_summary(config, examples)
-    if not config.enable_bucket:
-        dataset = data.ImageCaptionDataset(examples, config, templates_subject=config.placeholder_token)
-        _maybe_cache_latents(config, dataset, base)
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=config.batch_size,
-            shuffle=True,
-            num_workers=config.dataloader_num_workers,
-            generator=torch.Generator().manual_seed(config.seed),
-        )
-        return loader, {**summary, "batches_per_epoch": len(loader)}
-    plan = data.bucket_plan(examples, config)
-    dataset = data.ImageCaptionDataset(examples, config, config.placeholder_token, sizes=plan["assigned"])
+    sizes, extra = None, {}
+    if config.enable_bucket:
+        plan = data.bucket_plan(examples, config)
+        sizes, extra = plan["assigned"], {"bucket_info": plan["ss_bucket_info"]}
+    dataset = data.ImageCaptionDataset(examples, config, config.placeholder_token, sizes=sizes)
     _maybe_cache_latents(config, dataset, base)
-    batches = data.BucketBatches(plan["assigned"], config.batch_size, config.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=config.dataloader_num_workers)
-    return loader, {**summary, "batches_per_epoch": len(loader), "bucket_info": plan["ss_bucket_info"]}
+    buckets = sizes or [(config.resolution, config.resolution)] * len(examples)
+    sampler = data.BucketBatches(buckets, config.batch_size, config.seed)
+    # Its own generator: each new iterator (every epoch, and on resume) draws a worker base seed from it, which
+    # would otherwise shift the global random stream that crops, flips and noise come from.
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=config.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    return loader, {**summary, **extra, "batches_per_epoch": len(loader)}
 
 
 def _maybe_cache_latents(config: TrainConfig, dataset: data.ImageCaptionDataset, base: models.BaseModel) -> None:
@@ -455,10 +461,17 @@ def _stop_embedding_if_due(run: Run, step: int) -> None:
         run.trainables["embedding"][0].requires_grad_(False)
 
 
-def _batches(run: Run):
-    """The batches of all epochs, as many as the planned steps need."""
-    for _epoch in range(run.plan[2]):
-        yield from run.loader
+def _batches(run: Run, start: checkpoint.Position):
+    """(epoch, batches of that epoch used so far, batch) from `start` on, epoch after epoch; the caller stops."""
+    sampler = run.loader.batch_sampler
+    epoch, skip = start.epoch, start.batch
+    if skip >= len(sampler):
+        epoch, skip = epoch + 1, 0
+    while True:
+        sampler.set_epoch(epoch, skip)
+        for used, batch in enumerate(run.loader, start=skip + 1):
+            yield epoch, used, batch
+        epoch, skip = epoch + 1, 0
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -477,47 +490,149 @@ def train(config: TrainConfig) -> TrainResult:
     return fit(setup(config))
 
 
-def fit(run: Run) -> TrainResult:
-    """Runs the training loop of a prepared run and writes the outputs (the trained modules stay in `run.base`)."""
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped training after the state was saved; `state` is where to resume from."""
+
+    def __init__(self, state: Path | None, steps: int):
+        self.state, self.steps = state, steps
+        where = f"state saved to {state}; continue with resume=latest" if state else "no state saved (save_state off)"
+        super().__init__(f"interrupted after {steps} steps: {where}")
+
+
+def _config_digest(config: TrainConfig) -> str:
+    """What a state must match to be resumed: every setting except where and how often outputs are written."""
+    import hashlib
+    import json
+
+    ignored = {
+        "resume",
+        "keep_last_n",
+        "save_state",
+        "save_steps",
+        "output_dir",
+        "logging_dir",
+        "dataloader_num_workers",
+    }
+    settings = {k: v for k, v in to_dict(config).items() if k not in ignored and not k.startswith("sample_")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _start(run: Run, result: TrainResult) -> checkpoint.Position:
+    """Where the loop begins: step 0, or the position of the state `resume` names (weights, optimizer, schedule and
+    RNG restored)."""
     config = run.config
-    accelerator, total_steps = run.accelerator, run.plan[1]
-    placeholder, vectors = config.placeholder_token, config.effective_num_vectors
+    if not config.resume:
+        return checkpoint.Position(0, 0, 0)
+    path = checkpoint.resolve(config.resume, Path(config.output_dir))
+    digest = _config_digest(config)
+    position = checkpoint.load_state(path, run.trainables, run.optimizer, run.lr_schedule, digest)
+    result.steps = position.step
+    _stop_embedding_if_due(run, position.step)
+    logger.info("resumed from %s at step %d", path, position.step)
+    return position
+
+
+def _save_state(run: Run, position: checkpoint.Position) -> Path | None:
+    if not run.config.save_state or not run.accelerator.is_main_process:
+        return None
+    return checkpoint.save_state(
+        Path(run.config.output_dir), position, run.trainables, run.optimizer, run.lr_schedule,
+        _config_digest(run.config), run.config.keep_last_n,
+    )  # fmt: skip
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each optimizer step (then saves and stops)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        import signal
+
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self.previous[number] = signal.signal(number, self._request)
+        return self
+
+    def _request(self, number, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def _step_outputs(run: Run, result: TrainResult, position: checkpoint.Position, writer) -> None:
+    """Intermediate saves (outputs + state) and sample grids due after an optimizer step."""
+    config, total_steps = run.config, run.plan[1]
+    is_save_step = bool(config.save_steps) and result.steps % config.save_steps == 0 and result.steps < total_steps
+    if is_save_step and run.accelerator.is_main_process:
+        result.saved_paths += _save_outputs(run, result.steps, final=False)
+        _save_state(run, position)
+    every = config.sample_every_n_steps
+    if (is_save_step or (every and result.steps % every == 0)) and result.steps < total_steps:
+        _render_samples(run, result.steps, writer)
+
+
+def _train_step(run: Run, batch: dict) -> torch.Tensor:
+    """Forward, backward and (at the end of an accumulation window) the optimizer and schedule step."""
+    config, accelerator = run.config, run.accelerator
+    with accelerator.accumulate(run.unet, run.text_encoder):
+        captions = batch["caption"]
+        if config.uses_ti:
+            count = config.effective_num_vectors
+            captions = [textual_inversion.expand_placeholder(c, config.placeholder_token, count) for c in captions]
+        loss = _loss(batch, run, captions)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            run.optimizer.step()
+            run.lr_schedule.step()
+            run.optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def fit(run: Run) -> TrainResult:
+    """Runs the training loop of a prepared run and writes the outputs (the trained modules stay in `run.base`).
+
+    Raises:
+        TrainingInterrupted: Ctrl-C / SIGTERM; the state was saved first (with `save_state`).
+    """
+    config, accelerator, total_steps = run.config, run.accelerator, run.plan[1]
     result = TrainResult(final_path=Path(config.output_dir) / f"{config.effective_output_name}.safetensors")
+    start = _start(run, result)
     writer = _writer(config) if accelerator.is_main_process else None
-    progress = tqdm(total=total_steps, desc="train", unit="step", disable=not accelerator.is_main_process)
-    _render_samples(run, 0, writer)
-    started = time.perf_counter()
-    for batch in _batches(run):
-        with accelerator.accumulate(run.unet, run.text_encoder):
-            captions = batch["caption"]
-            if config.uses_ti:
-                captions = [textual_inversion.expand_placeholder(c, placeholder, vectors) for c in captions]
-            loss = _loss(batch, run, captions)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                run.optimizer.step()
-                run.lr_schedule.step()
-                run.optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
-        result.steps += 1
-        result.last_loss = loss.detach().item()
-        _stop_embedding_if_due(run, result.steps)
-        progress.update(1)
-        progress.set_postfix(loss=f"{result.last_loss:.4f}", lr=f"{run.lr_schedule.get_last_lr()[0]:.2e}")
-        _log_step(writer, run, result.steps, result.last_loss, started)
-        is_save_step = config.save_steps and result.steps % config.save_steps == 0
-        if accelerator.is_main_process and is_save_step and result.steps < total_steps:
-            result.saved_paths += _save_outputs(run, result.steps, final=False)
-        every = config.sample_every_n_steps
-        if (is_save_step or (every and result.steps % every == 0)) and result.steps < total_steps:
-            _render_samples(run, result.steps, writer)
-        if result.steps >= total_steps:
-            break
+    progress = tqdm(
+        total=total_steps, initial=result.steps, desc="train", unit="step", disable=not accelerator.is_main_process
+    )
+    if not config.resume:
+        _render_samples(run, 0, writer)
+    started, last = time.perf_counter(), start
+    with _StopRequest() as stop:
+        for epoch, used, batch in _batches(run, start) if result.steps < total_steps else ():
+            loss = _train_step(run, batch)
+            if not accelerator.sync_gradients:
+                continue
+            result.steps += 1
+            result.last_loss = loss.detach().item()
+            _stop_embedding_if_due(run, result.steps)
+            progress.update(1)
+            progress.set_postfix(loss=f"{result.last_loss:.4f}", lr=f"{run.lr_schedule.get_last_lr()[0]:.2e}")
+            _log_step(writer, run, result.steps, result.last_loss, started)
+            last = checkpoint.Position(result.steps, epoch, used)
+            _step_outputs(run, result, last, writer)
+            if stop.requested:
+                progress.close()
+                raise TrainingInterrupted(_save_state(run, last), result.steps)
+            if result.steps >= total_steps:
+                break
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         result.saved_paths += _save_outputs(run, result.steps, final=True)
+        _save_state(run, last)
         _render_samples(run, result.steps, writer)
         writer.close()
     return result

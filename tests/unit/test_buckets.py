@@ -64,9 +64,12 @@ def test_batches_come_from_one_bucket_and_cover_every_sample():
     assert len(sampler) == 3 + 2 + 1 == len(first)
     assert sorted(i for batch in first for i in batch) == list(range(9))
     assert all(len({buckets[i] for i in batch}) == 1 for batch in first)
+    sampler.set_epoch(1)
     second = list(sampler)  # the next epoch: another order, same coverage
     assert second != first and sorted(i for b in second for i in b) == list(range(9))
     assert list(data.BucketBatches(buckets, 2, 1)) == first  # same seed, same order
+    sampler.set_epoch(1, skip=2)
+    assert list(sampler) == second[2:]  # resuming inside an epoch
 
 
 def test_bucket_settings_are_checked():

@@ -1,0 +1,129 @@
+"""Resumable training state: trainable weights, optimizer, LR schedule, RNG states and the position in the data.
+
+A state is a folder `<output_dir>/state/step-00000040/` written under a temporary name and renamed when complete, so
+a crash mid-save never leaves a broken state and `latest` is always the newest complete one. Only tensors and plain
+data are stored (safetensors, JSON, and `torch.load(weights_only=True)`-loadable optimizer/schedule dicts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_DIR = "state"
+_PREFIX = "step-"
+
+
+class StateError(Exception):
+    """A state that cannot be resumed from (missing, or made by another config)."""
+
+
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done, the epoch, and batches of that epoch already used."""
+
+    step: int
+    epoch: int
+    batch: int
+
+
+def _rng_states() -> dict:
+    numpy_state = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = [state.tolist() for state in torch.cuda.get_rng_state_all()]
+    return states
+
+
+def _restore_rng(states: dict) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
+
+
+def save_state(output_dir: Path, position: Position, trainables: dict, optimizer, schedule, config_digest: str,
+               keep_last_n: int | None = None) -> Path:  # fmt: skip
+    """Writes a complete state folder atomically and removes all but the newest `keep_last_n` states."""
+    root = Path(output_dir) / STATE_DIR
+    final = root / f"{_PREFIX}{position.step:08d}"
+    staging = root / f".{final.name}.tmp{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tensors = {
+        f"{group}.{i}": p.detach().cpu().contiguous() for group, ps in trainables.items() for i, p in enumerate(ps)
+    }
+    save_file(tensors, str(staging / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, staging / "optimizer.pt")
+    meta = {"position": vars(position), "rng": _rng_states(), "config_digest": config_digest}
+    (staging / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    for old in list_states(output_dir)[:-keep_last_n] if keep_last_n else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_states(output_dir: Path) -> list[Path]:
+    """Complete state folders, oldest first."""
+    root = Path(output_dir) / STATE_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / "state.json").is_file())
+
+
+def resolve(resume: str, output_dir: Path) -> Path:
+    """The state folder `resume` names: `latest` (the newest under output_dir) or a path.
+
+    Raises:
+        StateError: Nothing to resume from.
+    """
+    if resume == "latest":
+        states = list_states(output_dir)
+        if not states:
+            raise StateError(f"resume: latest, but {Path(output_dir) / STATE_DIR} holds no saved state yet.")
+        return states[-1]
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise StateError(f"resume: {path} is not a saved state folder (no state.json); use resume: latest.")
+    return path
+
+
+def load_state(path: Path, trainables: dict, optimizer, schedule, config_digest: str) -> Position:
+    """Restores weights, optimizer, schedule and RNG states from a state folder; returns where to continue.
+
+    Raises:
+        StateError: The state was written by a run with other training settings.
+    """
+    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    if meta["config_digest"] != config_digest:
+        raise StateError(
+            f"resume: {path} was saved by a run with other training settings (method, data, batch, steps, "
+            "optimizer...); resume with the config that wrote it, or start a new output_dir."
+        )
+    tensors = load_file(str(path / "trainable.safetensors"))
+    with torch.no_grad():
+        for group, params in trainables.items():
+            for i, param in enumerate(params):
+                param.copy_(tensors[f"{group}.{i}"])
+    saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    _restore_rng(meta["rng"])
+    return Position(**meta["position"])
