@@ -1,0 +1,50 @@
+"""Training states: complete-or-absent writes, retention, latest, and refusal of a state from other settings."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from sdtune import checkpoint
+from sdtune.checkpoint import Position, StateError
+
+
+def _parts():
+    weight = torch.nn.Parameter(torch.randn(3, 2))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    return {"unet": [weight]}, optimizer, schedule
+
+
+def test_state_round_trip_restores_weights_optimizer_schedule_and_random_streams(tmp_path):
+    trainables, optimizer, schedule = _parts()
+    trainables["unet"][0].grad = torch.ones(3, 2)
+    optimizer.step()
+    schedule.step()
+    path = checkpoint.save_state(tmp_path, Position(7, 2, 1), trainables, optimizer, schedule, "digest")
+    expected = (torch.rand(3), random.random(), trainables["unet"][0].detach().clone())
+
+    fresh, fresh_optimizer, fresh_schedule = _parts()
+    position = checkpoint.load_state(path, fresh, fresh_optimizer, fresh_schedule, "digest")
+    assert position == Position(7, 2, 1)
+    assert torch.equal(fresh["unet"][0], expected[2])
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert fresh_schedule.last_epoch == 1 and fresh_optimizer.state_dict()["state"][0]["step"] == 1
+    with pytest.raises(StateError, match="saved by a run with other training settings"):
+        checkpoint.load_state(path, fresh, fresh_optimizer, fresh_schedule, "other")
+
+
+def test_retention_latest_and_incomplete_folders(tmp_path):
+    trainables, optimizer, schedule = _parts()
+    for step in (2, 4, 6):
+        checkpoint.save_state(tmp_path, Position(step, 0, step), trainables, optimizer, schedule, "d", keep_last_n=2)
+    (tmp_path / "state" / ".step-00000008.tmp123").mkdir()  # a save killed half-way: never "latest"
+    (tmp_path / "state" / "step-00000009").mkdir()  # no state.json: incomplete
+    assert [p.name for p in checkpoint.list_states(tmp_path)] == ["step-00000004", "step-00000006"]
+    assert checkpoint.resolve("latest", tmp_path).name == "step-00000006"
+    with pytest.raises(StateError, match="is not a saved state folder"):
+        checkpoint.resolve(str(tmp_path / "state" / "step-00000009"), tmp_path)
+    with pytest.raises(StateError, match="holds no saved state yet"):
+        checkpoint.resolve("latest", tmp_path / "elsewhere")
