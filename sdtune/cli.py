@@ -33,7 +33,7 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`sdtune train CONFIG [key=value ...]`."""
-    from sdtune.train import TrainingInterrupted, train
+    from sdtune.train import TrainingInterrupted, TrainingStopped, train
 
     config = load_config(args.config, args.overrides)
     _quiet_libraries()
@@ -42,6 +42,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as stopped:
         print(f"sdtune train: {stopped}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except TrainingStopped as stopped:
+        print(f"sdtune train: {stopped}", file=sys.stderr)
+        return 1
     print(f"trained {result.steps} steps, last loss {result.last_loss:.4f}")
     for path in result.saved_paths:
         print(f"wrote {path}")

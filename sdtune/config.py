@@ -24,6 +24,7 @@ METHODS = ("ti", "lora", "ti+lora")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SOURCES = ("auto", "metadata", "files")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SUBSET_KEYS = (
     "image_dir",
     "num_repeats",
@@ -248,6 +249,30 @@ class TrainConfig:
     lr_scheduler: Literal[LR_SCHEDULERS] = _field("constant", "Learning-rate schedule after warm-up.", "optim")
     lr_warmup_steps: int = _field(0, "Optimizer steps of linear warm-up from 0 to `learning_rate`.", "optim", 0)
     adam_weight_decay: float = _field(1e-2, "AdamW weight decay.", "optim", 0)
+    optimizer_type: Literal[OPTIMIZERS] = _field(
+        "adamw",
+        "`adamw` (torch), `adamw8bit` (bitsandbytes, when installed: less optimizer memory) or `prodigy` (prodigyopt, "
+        "when installed: sets its own step size; use learning_rate 1).",
+        "optim",
+    )
+    max_grad_norm: Optional[float] = _field(
+        None,
+        "Clip the gradient norm of the trainable parameters to this (kohya and diffusers use 1.0).",
+        "optim",
+        0,
+        True,
+    )
+    min_snr_gamma: Optional[float] = _field(
+        None,
+        "Min-SNR loss weighting (Hang et al. 2023): each timestep's loss weighted by min(SNR, gamma) / SNR "
+        "(epsilon) or / (SNR + 1) (v-prediction); 5 is the paper's value.",
+        "optim",
+        0,
+        True,
+    )
+    gradient_checkpointing: bool = _field(
+        False, "Recompute UNet activations in the backward pass: less memory, ~20-30% slower steps.", "optim"
+    )
     noise_offset: float = _field(
         0.0,
         "Add this x a per-image, per-channel constant to the noise (kohya `noise_offset`; 0.05-0.1 helps flat, very "

@@ -37,6 +37,29 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
     raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon or v_prediction).")
 
 
-def denoising_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error in float32 (the simple loss of Ho et al. 2020)."""
-    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+def denoising_loss(
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error in float32 (the simple loss of Ho et al. 2020), optionally weighted per example."""
+    if weights is None:
+        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
+        dim=list(range(1, target.dim()))
+    )
+    return (per_example * weights.float()).mean()
+
+
+def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) of each timestep."""
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alphas / (1 - alphas)
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-example loss weights of Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+    Weighting Strategy"): min(SNR, gamma) / SNR for epsilon prediction, min(SNR, gamma) / (SNR + 1) for v."""
+    ratio = snr(scheduler, timesteps)
+    clipped = torch.clamp(ratio, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (ratio + 1)
+    return clipped / ratio

@@ -37,7 +37,7 @@ def preflight(config: TrainConfig) -> list[data.Example]:
     Raises:
         ConfigError: With all problems found; nothing has been loaded yet.
     """
-    errors: list[str] = []
+    errors: list[str] = _optimizer_problems(config)
     if config.resume:
         try:
             checkpoint.resolve(config.resume, Path(config.output_dir))
@@ -145,7 +145,11 @@ def _loss(batch: dict, run: Run, captions: list[str]) -> torch.Tensor:
         with torch.set_grad_enabled(run.text_encoder_trains):  # no activations kept for a frozen text path
             hidden_states = _encode_prompts(run.base.tokenizer, run.text_encoder, captions, device)
     prediction = run.unet(noisy, timesteps, hidden_states).sample
-    loss = diffusion.denoising_loss(prediction, diffusion.training_target(scheduler, latents, noise, timesteps))
+    weights = None
+    if config.min_snr_gamma:
+        weights = diffusion.min_snr_weights(scheduler, timesteps, config.min_snr_gamma)
+    target = diffusion.training_target(scheduler, latents, noise, timesteps)
+    loss = diffusion.denoising_loss(prediction, target, weights)
     if config.prior_preservation_prompts:
         loss = loss + config.effective_prior_loss_weight * _prior_loss(run, noisy, timesteps)
     return loss
@@ -217,9 +221,30 @@ def _attach(config: TrainConfig, base: models.BaseModel) -> dict[str, list[torch
     return trainables
 
 
+OPTIONAL_OPTIMIZERS = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}  # optimizer_type -> pip package
+
+
+def _optimizer_problems(config: TrainConfig) -> list[str]:
+    import importlib.util
+
+    package = OPTIONAL_OPTIMIZERS.get(config.optimizer_type)
+    if package and importlib.util.find_spec(package) is None:
+        return [f"optimizer_type: {config.optimizer_type} needs {package}: pip install {package} (or use adamw)."]
+    return []
+
+
 def _optimizer(config: TrainConfig, trainables: dict) -> torch.optim.Optimizer:
+    """The configured optimizer over one parameter group per trainable part, each with its learning rate."""
     rates = config.group_learning_rates()
     groups = [{"params": params, "lr": rates[name], "name": name} for name, params in trainables.items() if params]
+    if config.optimizer_type == "adamw8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(groups, weight_decay=config.adam_weight_decay)
+    if config.optimizer_type == "prodigy":
+        import prodigyopt
+
+        return prodigyopt.Prodigy(groups, weight_decay=config.adam_weight_decay)
     return torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay)
 
 
@@ -243,6 +268,8 @@ def setup(config: TrainConfig) -> Run:
     base = models.load_base_model(config.base_model, config.base_model_config)
     record = compat.base_record(base)  # before a placeholder changes the tokenizer
     trainables = _attach(config, base)
+    if config.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
     for module in (base.unet, base.vae, base.text_encoder):
         module.to(accelerator.device)
     loader, dataset_summary = _data_loader(config, examples, base)
@@ -490,6 +517,18 @@ def train(config: TrainConfig) -> TrainResult:
     return fit(setup(config))
 
 
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; raised before it touches the weights."""
+
+    def __init__(self, value: float):
+        self.value = value
+        super().__init__(f"loss is {value}")
+
+
+class TrainingStopped(Exception):
+    """Training stopped at a non-finite loss; the last good state was saved first."""
+
+
 class TrainingInterrupted(Exception):
     """Ctrl-C or SIGTERM stopped training after the state was saved; `state` is where to resume from."""
 
@@ -577,6 +616,19 @@ def _step_outputs(run: Run, result: TrainResult, position: checkpoint.Position, 
         _render_samples(run, result.steps, writer)
 
 
+def _non_finite_message(run: Run, step: int, value: float, last: checkpoint.Position) -> str:
+    """Where the loss broke, what was saved, the likely causes and what to change."""
+    state = _save_state(run, last)
+    saved = f"the last good state (step {last.step}) is in {state}" if state else "no state saved (save_state off)"
+    rates = ", ".join(f"{g['name']} {g['lr']:.2e}" for g in run.optimizer.param_groups)
+    return (
+        f"step {step}: the loss is {value}, so training stopped before it reached the weights; {saved}. Likely "
+        f"causes: a learning rate too high for this model and data ({rates}), exploding gradients, or an image "
+        "that decodes to extreme values. Try a lower learning_rate, max_grad_norm: 1.0, or min_snr_gamma: 5, and "
+        "start again (or resume from the saved state with the same settings to inspect it)."
+    )
+
+
 def _train_step(run: Run, batch: dict) -> torch.Tensor:
     """Forward, backward and (at the end of an accumulation window) the optimizer and schedule step."""
     config, accelerator = run.config, run.accelerator
@@ -586,8 +638,13 @@ def _train_step(run: Run, batch: dict) -> torch.Tensor:
             count = config.effective_num_vectors
             captions = [textual_inversion.expand_placeholder(c, config.placeholder_token, count) for c in captions]
         loss = _loss(batch, run, captions)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(float(loss))
         accelerator.backward(loss)
         if accelerator.sync_gradients:
+            if config.max_grad_norm:
+                params = [p for group in run.trainables.values() for p in group]
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
             run.optimizer.step()
             run.lr_schedule.step()
             run.optimizer.zero_grad(set_to_none=True)
@@ -612,7 +669,11 @@ def fit(run: Run) -> TrainResult:
     started, last = time.perf_counter(), start
     with _StopRequest() as stop:
         for epoch, used, batch in _batches(run, start) if result.steps < total_steps else ():
-            loss = _train_step(run, batch)
+            try:
+                loss = _train_step(run, batch)
+            except NonFiniteLoss as error:
+                progress.close()
+                raise TrainingStopped(_non_finite_message(run, result.steps + 1, error.value, last)) from error
             if not accelerator.sync_gradients:
                 continue
             result.steps += 1

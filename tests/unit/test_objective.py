@@ -1,0 +1,94 @@
+"""Objective and optimizer options: min-SNR weighting, gradient clipping, gradient checkpointing, optional
+optimizers, and a non-finite loss that stops training after saving the last good state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file
+
+from sdtune import checkpoint, diffusion, train
+from sdtune.config import ConfigError, parse_config
+
+
+@pytest.fixture
+def lora_dict(ti_config_dict) -> dict:
+    raw = {k: v for k, v in ti_config_dict.items() if k not in ("placeholder_token", "init_word", "num_vectors")}
+    return {**raw, "method": "lora", "lora_rank": 2, "learning_rate": 1e-2, "save_precision": "fp32", "max_steps": 3}
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_follow_the_paper(prediction_type):
+    scheduler = DDPMScheduler(prediction_type=prediction_type)
+    timesteps = torch.tensor([0, 100, 500, 999])
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    expected = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    torch.testing.assert_close(diffusion.min_snr_weights(scheduler, timesteps, 5.0), expected)
+    prediction, target = torch.zeros(4, 2, 2, 2), torch.ones(4, 2, 2, 2)
+    assert diffusion.denoising_loss(prediction, target, expected).item() == pytest.approx(expected.mean().item())
+
+
+def test_gradient_clipping_bounds_the_gradient_norm(lora_dict):
+    run = train.setup(parse_config({**lora_dict, "max_grad_norm": 1e-3}))
+    norms, step = [], run.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads = [p.grad for group in run.trainables.values() for p in group if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return step(*args, **kwargs)
+
+    run.optimizer.step = recording_step
+    train.fit(run)
+    assert len(norms) == 3 and max(norms) <= 1e-3 * 1.001
+
+
+def test_gradient_checkpointing_gives_the_same_training(lora_dict, tmp_path):
+    plain = train.fit(train.setup(parse_config({**lora_dict, "output_dir": str(tmp_path / "a")})))
+    run = train.setup(parse_config({**lora_dict, "output_dir": str(tmp_path / "b"), "gradient_checkpointing": True}))
+    assert run.base.unet.is_gradient_checkpointing
+    checkpointed = train.fit(run)
+    a, b = load_file(str(plain.final_path)), load_file(str(checkpointed.final_path))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5)
+
+
+def test_min_snr_training_runs_and_changes_the_result(lora_dict, tmp_path):
+    plain = train.fit(train.setup(parse_config({**lora_dict, "output_dir": str(tmp_path / "a")})))
+    weighted = train.fit(
+        train.setup(parse_config({**lora_dict, "output_dir": str(tmp_path / "b"), "min_snr_gamma": 0.1}))
+    )
+    a, b = load_file(str(plain.final_path)), load_file(str(weighted.final_path))
+    assert any(not torch.equal(a[k], b[k]) for k in a) and all(torch.isfinite(v).all() for v in b.values())
+
+
+def test_a_nan_loss_stops_after_saving_the_last_good_state(lora_dict, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run = train.setup(parse_config({**lora_dict, "max_steps": 6, "output_dir": str(out)}))
+    real_loss, calls, kept = train._loss, {"n": 0}, {}
+
+    def loss_that_breaks(batch, run_, captions):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            kept.update({f"unet.{i}": p.detach().clone() for i, p in enumerate(run_.trainables["unet"])})
+            return torch.tensor(float("nan"))
+        return real_loss(batch, run_, captions)
+
+    monkeypatch.setattr(train, "_loss", loss_that_breaks)
+    with pytest.raises(train.TrainingStopped) as stopped:
+        train.fit(run)
+    message = str(stopped.value)
+    assert message.startswith("step 3: the loss is nan, so training stopped before it reached the weights")
+    assert "the last good state (step 2) is in" in message and "max_grad_norm: 1.0" in message
+    (state,) = checkpoint.list_states(out)
+    saved = load_file(str(state / "trainable.safetensors"))
+    assert all(torch.equal(saved[key], kept[key]) for key in kept)
+
+
+def test_optional_optimizers_need_their_package(lora_dict):
+    config = parse_config({**lora_dict, "optimizer_type": "adamw8bit"})
+    with pytest.raises(ConfigError, match="optimizer_type: adamw8bit needs bitsandbytes: pip install bitsandbytes"):
+        train.preflight(config)
+    with pytest.raises(ConfigError, match="optimizer_type: 'adam8bit' is not one of"):
+        parse_config({**lora_dict, "optimizer_type": "adam8bit"})
