@@ -344,13 +344,32 @@ def _maybe_cache_latents(config: TrainConfig, dataset: data.ImageCaptionDataset,
     data.fill_latent_cache(dataset, data.LatentCache(folder, vae_id), encode, batch_size=config.batch_size)
 
 
-def _log_step(writer, run: Run, step: int, loss: float, started: float) -> None:
+def _log_step(writer, run: Run, step: int, loss: float, started: float, first_step: int) -> None:
+    """Per-step TensorBoard scalars: loss, learning rate per group, throughput of this process, peak memory."""
     if writer is None:
         return
     writer.add_scalar("loss", loss, step)
     for group in run.optimizer.param_groups:
         writer.add_scalar(f"lr/{group['name']}", group["lr"], step)
-    writer.add_scalar("steps_per_second", step / (time.perf_counter() - started), step)
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    done = step - first_step  # steps of this process (a resumed run started at first_step)
+    per_step = run.config.batch_size * run.config.gradient_accumulation_steps
+    writer.add_scalar("speed/steps_per_second", done / elapsed, step)
+    writer.add_scalar("speed/samples_per_second", done * per_step / elapsed, step)
+    if torch.cuda.is_available():
+        writer.add_scalar("memory/peak_cuda_allocated_mib", torch.cuda.max_memory_allocated() / 2**20, step)
+    else:
+        import resource
+
+        writer.add_scalar("memory/peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, step)
+
+
+def _log_epoch(writer, epoch_losses: dict[int, list[float]], epoch: int, step: int) -> None:
+    """`loss/epoch_mean` of every finished epoch (all but `epoch`), logged at `step` and then forgotten."""
+    for finished in [e for e in epoch_losses if e != epoch]:
+        if writer is not None:
+            writer.add_scalar("loss/epoch_mean", sum(epoch_losses[finished]) / len(epoch_losses[finished]), step)
+        del epoch_losses[finished]
 
 
 def _writer(config: TrainConfig):
@@ -666,7 +685,7 @@ def fit(run: Run) -> TrainResult:
     )
     if not config.resume:
         _render_samples(run, 0, writer)
-    started, last = time.perf_counter(), start
+    started, last, epoch_losses = time.perf_counter(), start, {}
     with _StopRequest() as stop:
         for epoch, used, batch in _batches(run, start) if result.steps < total_steps else ():
             try:
@@ -681,7 +700,9 @@ def fit(run: Run) -> TrainResult:
             _stop_embedding_if_due(run, result.steps)
             progress.update(1)
             progress.set_postfix(loss=f"{result.last_loss:.4f}", lr=f"{run.lr_schedule.get_last_lr()[0]:.2e}")
-            _log_step(writer, run, result.steps, result.last_loss, started)
+            _log_step(writer, run, result.steps, result.last_loss, started, start.step)
+            _log_epoch(writer, epoch_losses, epoch, result.steps)
+            epoch_losses.setdefault(epoch, []).append(result.last_loss)
             last = checkpoint.Position(result.steps, epoch, used)
             _step_outputs(run, result, last, writer)
             if stop.requested:
@@ -695,5 +716,6 @@ def fit(run: Run) -> TrainResult:
         result.saved_paths += _save_outputs(run, result.steps, final=True)
         _save_state(run, last)
         _render_samples(run, result.steps, writer)
+        _log_epoch(writer, epoch_losses, -1, result.steps)
         writer.close()
     return result

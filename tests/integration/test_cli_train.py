@@ -83,6 +83,10 @@ def test_train_command_writes_embedding_metadata_and_logs(tiny_base, tmp_path):
     assert [step for step, _ in scalars["loss"]] == [1, 2, 3, 4]
     assert [value for _, value in scalars["lr/embedding"]] == pytest.approx([5e-3] * 4)
     assert all(value > 0 for _, value in scalars["loss"])
+    losses = [value for _, value in scalars["loss"]]
+    assert scalars["loss/epoch_mean"] and all(min(losses) <= v <= max(losses) for _, v in scalars["loss/epoch_mean"])
+    assert [step for step, _ in scalars["speed/samples_per_second"]] == [1, 2, 3, 4]
+    assert all(value > 0 for _, value in scalars["speed/samples_per_second"] + scalars["memory/peak_rss_mib"])
 
 
 def test_gradient_accumulation_and_epochs_give_the_planned_steps(ti_config_dict, tmp_path):
