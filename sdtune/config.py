@@ -270,6 +270,15 @@ class TrainConfig:
         0,
         True,
     )
+    mixed_precision: Literal[("no", "fp16", "bf16")] = _field(
+        "no",
+        "Run forward passes in half precision (autocast) with the frozen weights stored in it; trainable parameters "
+        "stay float32 (fp16 adds a gradient scaler on GPU). bf16 needs an Ampere+ GPU or a recent CPU.",
+        "optim",
+    )
+    no_half_vae: bool = _field(
+        False, "With mixed_precision: keep the VAE in float32 (SD's VAE can overflow in fp16: NaN latents).", "optim"
+    )
     gradient_checkpointing: bool = _field(
         False, "Recompute UNet activations in the backward pass: less memory, ~20-30% slower steps.", "optim"
     )

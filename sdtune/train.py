@@ -38,6 +38,8 @@ def preflight(config: TrainConfig) -> list[data.Example]:
         ConfigError: With all problems found; nothing has been loaded yet.
     """
     errors: list[str] = _optimizer_problems(config)
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        errors.append("mixed_precision: fp16 needs a CUDA GPU (autocast on CPU runs bf16); use bf16 or no here.")
     if config.resume:
         try:
             checkpoint.resolve(config.resume, Path(config.output_dir))
@@ -131,7 +133,8 @@ def _loss(batch: dict, run: Run, captions: list[str]) -> torch.Tensor:
             mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
             latents = mean + std * torch.randn(mean.shape, device=device, dtype=mean.dtype)
         else:
-            latents = run.base.vae.encode(batch["pixel_values"].to(device)).latent_dist.sample()
+            vae = run.base.vae
+            latents = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist.sample().float()
         # contiguous: the VAE can return channels-last latents on CPU, and randn_like follows the layout, so the
         # noise for the same seed would depend on where the latents came from (cache or VAE)
         latents = (latents * run.base.vae.config.scaling_factor).contiguous()
@@ -224,6 +227,26 @@ def _attach(config: TrainConfig, base: models.BaseModel) -> dict[str, list[torch
 OPTIONAL_OPTIMIZERS = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}  # optimizer_type -> pip package
 
 
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _store_frozen_in_half(config: TrainConfig, base: models.BaseModel, trainables: dict) -> None:
+    """With mixed precision: frozen weights in fp16/bf16 (half the memory), trainable parameters back in float32.
+    The text encoder stays float32 while anything in it trains (TI vectors, text-encoder LoRA), the VAE with
+    `no_half_vae`."""
+    dtype = HALF_DTYPES.get(config.mixed_precision)
+    if dtype is None:
+        return
+    base.unet.to(dtype)
+    if not trainables["text_encoder"] and not trainables["embedding"]:
+        base.text_encoder.to(dtype)
+    if not config.no_half_vae:
+        base.vae.to(dtype)
+    with torch.no_grad():
+        for param in (p for group in trainables.values() for p in group):
+            param.data = param.data.float()
+
+
 def _optimizer_problems(config: TrainConfig) -> list[str]:
     import importlib.util
 
@@ -263,11 +286,14 @@ def setup(config: TrainConfig) -> Run:
     from diffusers.optimization import get_scheduler
 
     started_at = time.time()
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision
+    )
     set_seed(config.seed)
     base = models.load_base_model(config.base_model, config.base_model_config)
     record = compat.base_record(base)  # before a placeholder changes the tokenizer
     trainables = _attach(config, base)
+    _store_frozen_in_half(config, base, trainables)
     if config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     for module in (base.unet, base.vae, base.text_encoder):
@@ -339,7 +365,7 @@ def _maybe_cache_latents(config: TrainConfig, dataset: data.ImageCaptionDataset,
     def encode(pixels: torch.Tensor):
         with torch.no_grad():
             distribution = base.vae.encode(pixels.to(base.vae.device, base.vae.dtype)).latent_dist
-        return distribution.mean, distribution.std
+        return distribution.mean.float(), distribution.std.float()
 
     data.fill_latent_cache(dataset, data.LatentCache(folder, vae_id), encode, batch_size=config.batch_size)
 
@@ -656,7 +682,8 @@ def _train_step(run: Run, batch: dict) -> torch.Tensor:
         if config.uses_ti:
             count = config.effective_num_vectors
             captions = [textual_inversion.expand_placeholder(c, config.placeholder_token, count) for c in captions]
-        loss = _loss(batch, run, captions)
+        with accelerator.autocast():
+            loss = _loss(batch, run, captions)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(float(loss))
         accelerator.backward(loss)
