@@ -184,6 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     defaults = {
         "negative_prompt": args.negative, "n": args.n, "seed": args.seed, "steps": args.steps,
         "guidance": args.guidance, "width": args.width, "height": args.height, "sampler": args.sampler,
+        "clip_skip": args.clip_skip,
     }  # fmt: skip
     work = [jobs.make_job({"prompt": p}, defaults, f"--prompt {p!r}") for p in args.prompt]
     for path in args.prompts_file + args.jobs:
@@ -293,6 +294,7 @@ def _add_generate_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--width", type=int, help="image width (default: the base model's native size)")
     sub.add_argument("--height", type=int, help="image height (default: the base model's native size)")
     sub.add_argument("--sampler", choices=list(SAMPLERS), default="dpmpp_2m", help="sampler")
+    sub.add_argument("--clip-skip", type=int, default=1, help="text-encoder layer from the end (A1111: 1 = last)")
     sub.add_argument(
         "--lora", action="append", default=[], help="LoRA for every image: FILE[:W] or FILE[:TE_W:UNET_W]"
     )

@@ -270,6 +270,13 @@ class TrainConfig:
         0,
         True,
     )
+    clip_skip: int = _field(
+        1,
+        "Text-encoder layer the UNet reads, counted from the end as kohya and A1111 do: 1 = last, 2 = penultimate "
+        "(NovelAI-style anime models). Use what the base model was trained with, and the same when generating.",
+        "optim",
+        1,
+    )
     mixed_precision: Literal[("no", "fp16", "bf16")] = _field(
         "no",
         "Run forward passes in half precision (autocast) with the frozen weights stored in it; trainable parameters "

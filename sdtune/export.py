@@ -215,7 +215,7 @@ def kohya_lora_metadata(config, family: str, base_name: str, base_sha256: str, r
         "ss_resolution": f"({config.resolution}, {config.resolution})",
         "ss_seed": str(config.seed),
         "ss_mixed_precision": "no",
-        "ss_clip_skip": "None",
+        "ss_clip_skip": str(config.clip_skip) if config.clip_skip > 1 else "None",
         "ss_dataset_dirs": json.dumps(run["dataset"]["dataset_dirs"]),
         "ss_tag_frequency": json.dumps(run["dataset"]["tag_frequency"]),
         "ss_enable_bucket": str(config.enable_bucket),

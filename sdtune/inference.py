@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from sdtune import artifacts, compat, export, formats
-from sdtune.models import BaseModel, file_sha256, load_base_model, tokenizer_fingerprint
+from sdtune.models import BaseModel, encode_prompts, file_sha256, load_base_model, tokenizer_fingerprint
 
 # sampler name -> (diffusers scheduler class, extra config, A1111's name for the infotext)
 SAMPLERS = {
@@ -60,6 +60,21 @@ def pipeline_from_components(tokenizer, text_encoder, unet, vae, scheduler_confi
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def prompt_arguments(pipe, prompts: list[str], negative_prompt: str, clip_skip: int) -> dict:
+    """The prompt arguments of a pipeline call: the text itself, or with `clip_skip` > 1 (kohya/A1111 counting)
+    embeddings computed by `models.encode_prompts` (embedding tokens expanded first, as the pipeline would)."""
+    negative = [negative_prompt] * len(prompts) if negative_prompt else None
+    if clip_skip == 1:
+        return {"prompt": prompts, "negative_prompt": negative}
+    texts = pipe.maybe_convert_prompt(prompts, pipe.tokenizer)
+    negatives = pipe.maybe_convert_prompt(negative or [""] * len(prompts), pipe.tokenizer)
+    device = pipe.text_encoder.device
+    return {
+        "prompt_embeds": encode_prompts(pipe.tokenizer, pipe.text_encoder, texts, device, clip_skip),
+        "negative_prompt_embeds": encode_prompts(pipe.tokenizer, pipe.text_encoder, negatives, device, clip_skip),
+    }
 
 
 @dataclass
@@ -339,6 +354,7 @@ class AdapterPipeline:
         width: int | None = None,
         height: int | None = None,
         extra_loras: dict[str, tuple[float, float]] | None = None,
+        clip_skip: int = 1,
     ) -> list[Image.Image]:
         """One image per prompt, prompt `i` drawn from `seeds[i]` whatever else is in the batch, with the active
         LoRAs plus `extra_loras` (name -> (text-encoder, UNet) weights) applied.
@@ -353,34 +369,41 @@ class AdapterPipeline:
         generators = [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
         with torch.no_grad():
             output = self.pipe(
-                prompts,
-                negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
                 height=height or self.default_size(),
                 width=width or self.default_size(),
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 generator=generators,
+                **prompt_arguments(self.pipe, prompts, negative_prompt, clip_skip),
             )
         return output.images
 
 
 def generate(
-    pipe, prompts: list[str], seed: int, size: int, steps: int = 20, guidance: float = 7.5, batch_size: int = 16
+    pipe,
+    prompts: list[str],
+    seed: int,
+    size: int,
+    steps: int = 20,
+    guidance: float = 7.5,
+    batch_size: int = 16,
+    clip_skip: int = 1,
 ) -> list[Image.Image]:
     """One image per prompt from a plain diffusers pipeline; prompt `i` always uses seed `seed + i`, whatever the
-    batching, so runs compare (training samples, benchmarks)."""
+    batching, so runs compare (training samples, benchmarks). `clip_skip` counts as kohya/A1111 do (1 = last
+    layer); diffusers counts one less."""
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         with torch.no_grad():
             output = pipe(
-                chunk,
                 height=size,
                 width=size,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 generator=generators,
+                **prompt_arguments(pipe, chunk, "", clip_skip),
             )
         images += output.images
     return images

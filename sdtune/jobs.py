@@ -39,6 +39,7 @@ class Job:
     width: int | None = None  # None: the base model's native size
     height: int | None = None
     sampler: str = "dpmpp_2m"
+    clip_skip: int = 1  # as in A1111 and kohya: 1 = the text encoder's last layer, 2 = the penultimate
     loras: list = field(default_factory=list)  # "NAME_OR_PATH[:W[:UNET_W]]" or {path|name, weight, te, unet}
     embeddings: list = field(default_factory=list)  # "NAME_OR_PATH[:TOKEN]" or {path|name, token}
 
@@ -64,11 +65,11 @@ def make_job(raw: dict, defaults: dict, where: str) -> Job:
         values[name] = value
     if not isinstance(values.get("prompt"), str):
         raise JobError(f"{where}: `prompt` must be text (got {values.get('prompt')!r})")
-    for name in ("n", "steps", "seed", "width", "height"):
+    for name in ("n", "steps", "seed", "width", "height", "clip_skip"):
         if values.get(name) is not None and (not isinstance(values[name], int) or isinstance(values[name], bool)):
             raise JobError(f"{where}: `{name}` must be a whole number (got {values[name]!r})")
-    if values.get("n", 1) < 1 or values.get("steps", 1) < 1:
-        raise JobError(f"{where}: `n` and `steps` must be at least 1")
+    if values.get("n", 1) < 1 or values.get("steps", 1) < 1 or values.get("clip_skip", 1) < 1:
+        raise JobError(f"{where}: `n`, `steps` and `clip_skip` must be at least 1")
     if values.get("sampler", "dpmpp_2m") not in inference.SAMPLERS:
         raise JobError(f"{where}: sampler {values['sampler']!r} is not one of {', '.join(inference.SAMPLERS)}")
     for name in ("loras", "embeddings"):
@@ -215,6 +216,7 @@ class BatchRunner:
             width=job.width,
             height=job.height,
             extra_loras=batch[0].loras,
+            clip_skip=job.clip_skip,
         )
 
     def _next_index(self) -> int:
@@ -269,6 +271,8 @@ class BatchRunner:
             "Model hash": self.model_hash,
             "Model": self.pipe.base.name,
         }
+        if item.job.clip_skip > 1:
+            settings["Clip skip"] = item.job.clip_skip
         if loras:
             settings["Lora hashes"] = _quoted(f"{n}: {self.pipe.adapters[n].short_hash}" for n in loras)
         if item.parsed.embeddings:

@@ -65,6 +65,20 @@ class BaseModel:
         return self.text_encoder.get_input_embeddings().weight.shape[1]
 
 
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device, clip_skip: int = 1) -> torch.Tensor:
+    """Text-encoder states for the UNet: the last layer's (clip_skip 1), or with kohya/A1111's `clip_skip` N the N-th
+    layer from the end through the final layer norm. (diffusers' own `clip_skip`, which counts one less, reads
+    `text_encoder.text_model`, a level transformers 5 no longer has, so sdtune computes it here.)"""
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+    if clip_skip == 1:
+        return text_encoder(ids)[0]
+    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+    model = getattr(text_encoder, "module", text_encoder)  # unwrapped from multi-process wrappers
+    return getattr(model, "text_model", model).final_layer_norm(hidden)
+
+
 def cache_dir() -> Path:
     """sdtune's cache folder: `$SDTUNE_CACHE_DIR`, else `~/.cache/sdtune`. Everything in it can be deleted."""
     path = Path(os.environ.get("SDTUNE_CACHE_DIR") or Path.home() / ".cache" / "sdtune")

@@ -107,11 +107,10 @@ def steps_plan(config: TrainConfig, num_examples: int, batches_per_epoch: int | 
     return updates_per_epoch, total, math.ceil(total / updates_per_epoch)
 
 
-def _encode_prompts(tokenizer, text_encoder, captions: list[str], device: torch.device) -> torch.Tensor:
-    ids = tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return text_encoder(ids.to(device))[0]
+def _encode_prompts(
+    tokenizer, text_encoder, captions: list[str], device: torch.device, clip_skip: int = 1
+) -> torch.Tensor:
+    return models.encode_prompts(tokenizer, text_encoder, captions, device, clip_skip)
 
 
 def _cached_prompts(run: Run, captions: list[str], device: torch.device) -> torch.Tensor:
@@ -119,7 +118,7 @@ def _cached_prompts(run: Run, captions: list[str], device: torch.device) -> torc
     missing = sorted({caption for caption in captions if caption not in run.text_cache})
     if missing:
         with torch.no_grad():
-            encoded = _encode_prompts(run.base.tokenizer, run.text_encoder, missing, device)
+            encoded = _encode_prompts(run.base.tokenizer, run.text_encoder, missing, device, run.config.clip_skip)
         run.text_cache.update(zip(missing, encoded, strict=True))
     return torch.stack([run.text_cache[caption] for caption in captions])
 
@@ -146,7 +145,9 @@ def _loss(batch: dict, run: Run, captions: list[str]) -> torch.Tensor:
         hidden_states = _cached_prompts(run, captions, device)
     else:
         with torch.set_grad_enabled(run.text_encoder_trains):  # no activations kept for a frozen text path
-            hidden_states = _encode_prompts(run.base.tokenizer, run.text_encoder, captions, device)
+            hidden_states = _encode_prompts(
+                run.base.tokenizer, run.text_encoder, captions, device, run.config.clip_skip
+            )
     prediction = run.unet(noisy, timesteps, hidden_states).sample
     weights = None
     if config.min_snr_gamma:
@@ -166,10 +167,10 @@ def _prior_loss(run: Run, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch
     picks = torch.randint(len(prompts), (noisy.shape[0],)).tolist()
     chosen, device = [prompts[i] for i in picks], noisy.device
     with torch.no_grad(), lora.adapters_disabled(run.base.unet, run.base.text_encoder):
-        states = _encode_prompts(run.base.tokenizer, run.text_encoder, chosen, device)
+        states = _encode_prompts(run.base.tokenizer, run.text_encoder, chosen, device, run.config.clip_skip)
         target = run.unet(noisy, timesteps, states).sample
     if run.trainables.get("text_encoder"):  # only a text-encoder LoRA changes these prompts' states
-        states = _encode_prompts(run.base.tokenizer, run.text_encoder, chosen, device)
+        states = _encode_prompts(run.base.tokenizer, run.text_encoder, chosen, device, run.config.clip_skip)
     return diffusion.denoising_loss(run.unet(noisy, timesteps, states).sample, target)
 
 
@@ -508,6 +509,7 @@ def _render_samples(run: Run, step: int, writer) -> Path | None:
             config.resolution,
             config.sample_steps,
             config.sample_guidance_scale,
+            clip_skip=config.clip_skip,
         )
     for module, training in modes:
         module.train(training)

@@ -28,7 +28,7 @@ def test_prompts_file_yaml_and_jsonl_jobs(tmp_path):
         ({"prompt": "a", "steps": 2.5}, "`steps` must be a whole number"),
         ({"prompt": "a", "sampler": "euler_b"}, "sampler 'euler_b' is not one of"),
         ({"promt": "a"}, "unknown key 'promt'. Did you mean 'prompt'?"),
-        ({"prompt": "a", "n": 0}, "`n` and `steps` must be at least 1"),
+        ({"prompt": "a", "n": 0}, "`n`, `steps` and `clip_skip` must be at least 1"),
         ({"prompt": "a", "loras": "x.safetensors"}, "`loras` must be a list"),
         ({"negative_prompt": "a"}, "`prompt` must be text"),
     ],

@@ -130,3 +130,28 @@ def test_gradient_accumulation_equals_the_larger_batch(lora_dict, tmp_path, monk
     for key in a:  # Adam divides by sqrt(v): float noise in near-zero gradients moves single entries by ~1e-4
         torch.testing.assert_close(b[key], a[key], atol=2e-4, rtol=1e-3)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_up" in k)  # it trained
+
+
+def test_clip_skip_counts_as_kohya_and_a1111_and_reaches_generation(tiny_base):
+    from sdtune import inference, models
+
+    base = models.load_base_model(tiny_base["folder"])
+    prompt = ["a red star on a blue background"]
+    ids = base.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = models.encode_prompts(base.tokenizer, base.text_encoder, prompt, "cpu", clip_skip=2)
+        hidden = base.text_encoder(ids, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(ours, base.text_encoder.final_layer_norm(hidden[-2]))  # penultimate + final norm
+        last = models.encode_prompts(base.tokenizer, base.text_encoder, prompt, "cpu")
+        torch.testing.assert_close(last, base.text_encoder(ids)[0])
+    pipe = inference.AdapterPipeline(base)
+    images = [pipe.generate(prompt, [3], steps=2, width=32, height=32, clip_skip=c)[0] for c in (1, 2, 1)]
+    assert images[0].tobytes() == images[2].tobytes() != images[1].tobytes()
+
+
+def test_clip_skip_is_recorded_in_the_lora_header(lora_dict, tmp_path):
+    from safetensors import safe_open
+
+    result = train.fit(train.setup(parse_config({**lora_dict, "clip_skip": 2, "output_dir": str(tmp_path / "o")})))
+    with safe_open(str(result.final_path), "pt") as handle:
+        assert handle.metadata()["ss_clip_skip"] == "2"
