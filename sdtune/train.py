@@ -399,6 +399,12 @@ def _log_epoch(writer, epoch_losses: dict[int, list[float]], epoch: int, step: i
         del epoch_losses[finished]
 
 
+def _log_hparams(writer, config: TrainConfig, result: TrainResult) -> None:
+    """The run's settings (numbers, text, booleans) and final loss in TensorBoard's HPARAMS tab, to compare runs."""
+    settings = {k: v for k, v in to_dict(config).items() if isinstance(v, (int, float, str, bool))}
+    writer.add_hparams(settings, {"hparam/final_loss": result.last_loss, "hparam/steps": result.steps}, run_name=".")
+
+
 def _writer(config: TrainConfig):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -746,5 +752,6 @@ def fit(run: Run) -> TrainResult:
         _save_state(run, last)
         _render_samples(run, result.steps, writer)
         _log_epoch(writer, epoch_losses, -1, result.steps)
+        _log_hparams(writer, config, result)
         writer.close()
     return result

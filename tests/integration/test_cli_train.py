@@ -87,6 +87,12 @@ def test_train_command_writes_embedding_metadata_and_logs(tiny_base, tmp_path):
     assert scalars["loss/epoch_mean"] and all(min(losses) <= v <= max(losses) for _, v in scalars["loss/epoch_mean"])
     assert [step for step, _ in scalars["speed/samples_per_second"]] == [1, 2, 3, 4]
     assert all(value > 0 for _, value in scalars["speed/samples_per_second"] + scalars["memory/peak_rss_mib"])
+    assert scalars["hparam/steps"] == [(0, 4.0)]  # the HPARAMS tab's metrics, next to the run's settings
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs"))
+    events.Reload()
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
 
 
 def test_gradient_accumulation_and_epochs_give_the_planned_steps(ti_config_dict, tmp_path):
