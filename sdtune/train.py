@@ -107,10 +107,9 @@ def steps_plan(config: TrainConfig, num_examples: int, batches_per_epoch: int | 
     return updates_per_epoch, total, math.ceil(total / updates_per_epoch)
 
 
-def _encode_prompts(
-    tokenizer, text_encoder, captions: list[str], device: torch.device, clip_skip: int = 1
-) -> torch.Tensor:
-    return models.encode_prompts(tokenizer, text_encoder, captions, device, clip_skip)
+def _text_states(run: Run, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """The run's text-encoder states for `prompts` (with its `clip_skip`), see `models.encode_prompts`."""
+    return models.encode_prompts(run.base.tokenizer, run.text_encoder, prompts, device, run.config.clip_skip)
 
 
 def _cached_prompts(run: Run, captions: list[str], device: torch.device) -> torch.Tensor:
@@ -118,7 +117,7 @@ def _cached_prompts(run: Run, captions: list[str], device: torch.device) -> torc
     missing = sorted({caption for caption in captions if caption not in run.text_cache})
     if missing:
         with torch.no_grad():
-            encoded = _encode_prompts(run.base.tokenizer, run.text_encoder, missing, device, run.config.clip_skip)
+            encoded = _text_states(run, missing, device)
         run.text_cache.update(zip(missing, encoded, strict=True))
     return torch.stack([run.text_cache[caption] for caption in captions])
 
@@ -145,9 +144,7 @@ def _loss(batch: dict, run: Run, captions: list[str]) -> torch.Tensor:
         hidden_states = _cached_prompts(run, captions, device)
     else:
         with torch.set_grad_enabled(run.text_encoder_trains):  # no activations kept for a frozen text path
-            hidden_states = _encode_prompts(
-                run.base.tokenizer, run.text_encoder, captions, device, run.config.clip_skip
-            )
+            hidden_states = _text_states(run, captions, device)
     prediction = run.unet(noisy, timesteps, hidden_states).sample
     weights = None
     if config.min_snr_gamma:
@@ -167,10 +164,10 @@ def _prior_loss(run: Run, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch
     picks = torch.randint(len(prompts), (noisy.shape[0],)).tolist()
     chosen, device = [prompts[i] for i in picks], noisy.device
     with torch.no_grad(), lora.adapters_disabled(run.base.unet, run.base.text_encoder):
-        states = _encode_prompts(run.base.tokenizer, run.text_encoder, chosen, device, run.config.clip_skip)
+        states = _text_states(run, chosen, device)
         target = run.unet(noisy, timesteps, states).sample
     if run.trainables.get("text_encoder"):  # only a text-encoder LoRA changes these prompts' states
-        states = _encode_prompts(run.base.tokenizer, run.text_encoder, chosen, device, run.config.clip_skip)
+        states = _text_states(run, chosen, device)
     return diffusion.denoising_loss(run.unet(noisy, timesteps, states).sample, target)
 
 

@@ -99,7 +99,7 @@ def _deterministic_loss(batch, run, captions):
     accumulated batches of 2 see exactly the same examples."""
     with torch.no_grad():
         latents = run.base.vae.encode(batch["pixel_values"]).latent_dist.mean * run.base.vae.config.scaling_factor
-        hidden = train._encode_prompts(run.base.tokenizer, run.text_encoder, captions, latents.device)
+        hidden = train._text_states(run, captions, latents.device)
     noise = torch.sin(latents * 37.0 + latents.sum(dim=(1, 2, 3), keepdim=True))
     timesteps = (latents.abs().sum(dim=(1, 2, 3)) * 1000).long() % 1000
     noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
