@@ -45,6 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingStopped as stopped:
         print(f"sdtune train: {stopped}", file=sys.stderr)
         return 1
+    if not result.main_process:
+        return 0
     print(f"trained {result.steps} steps, last loss {result.last_loss:.4f}")
     for path in result.saved_paths:
         print(f"wrote {path}")

@@ -38,6 +38,7 @@ SUBSET_KEYS = (
     "shuffle_caption",
     "keep_tokens",
     "caption_dropout_rate",
+    "is_reg",
 )
 
 
@@ -105,10 +106,11 @@ class TrainConfig:
         0,
         True,
     )
-    lora_targets: Optional[Literal["kohya", "attention", "cross_attention"]] = _field(
+    lora_targets: Optional[Literal["kohya", "attention", "cross_attention", "cross_attention_kv"]] = _field(
         None,
         "LoRA: `kohya` (all Linear/1x1 layers of the transformer blocks; default), `attention` (self- and "
-        "cross-attention projections) or `cross_attention` (the UNet's text-reading attention only; least drift).",
+        "cross-attention projections), `cross_attention` (the UNet's text-reading attention only) or "
+        "`cross_attention_kv` (only its key/value projections of the text states, as Custom Diffusion).",
         "method",
     )
     conv_rank: Optional[int] = _field(
@@ -132,7 +134,8 @@ class TrainConfig:
     )
     prior_loss_weight: Optional[float] = _field(
         None,
-        "LoRA: weight of the prior-preservation loss (default 1.0; needs prior_preservation_prompts).",
+        "Weight of the prior-preservation loss: of prior_preservation_prompts, and of regularization images "
+        "(`reg_data_dir`, subsets with `is_reg`) as in kohya / DreamBooth. Default 1.0; needs one of them.",
         "method",
         0,
     )
@@ -147,6 +150,12 @@ class TrainConfig:
         "Single-file checkpoints only: a diffusers folder with the model's configs, for non-standard shapes.",
         "model",
     )
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = _field(
+        None,
+        "Force what the UNet predicts (kohya `v_parameterization: true` = `v_prediction`); default: the base's "
+        "scheduler config. For SD2.x 768-v single files whose config says otherwise.",
+        "model",
+    )
     # --- data
     train_data_dir: Optional[str] = _field(
         None,
@@ -158,7 +167,15 @@ class TrainConfig:
         (),
         "Several image folders, each a mapping with `image_dir` and any of `num_repeats`, `metadata_path`, "
         "`caption_column`, `caption_source`, `caption_extension`, `class_tokens`, `caption_prefix`, `caption_suffix`, "
-        "`shuffle_caption`, `keep_tokens`, `caption_dropout_rate` (unset ones take the top-level values).",
+        "`shuffle_caption`, `keep_tokens`, `caption_dropout_rate` (unset ones take the top-level values), and "
+        "`is_reg: true` for regularization images.",
+        "data",
+    )
+    reg_data_dir: Optional[str] = _field(
+        None,
+        "Regularization (class) images, as kohya `reg_data_dir`: a folder of repeat folders (`1_woman/`) or of "
+        "images with captions. Their loss is weighted by prior_loss_weight; each epoch uses as many regularization "
+        "samples as training samples (repeated or cut, as kohya).",
         "data",
     )
     bad_images: Literal[("error", "skip")] = _field(
@@ -289,6 +306,12 @@ class TrainConfig:
     gradient_checkpointing: bool = _field(
         False, "Recompute UNet activations in the backward pass: less memory, ~20-30% slower steps.", "optim"
     )
+    xformers: bool = _field(
+        False,
+        "Attention through xformers' memory-efficient kernels (CUDA, `pip install xformers`; it pins its own torch). "
+        "Off: PyTorch's scaled_dot_product_attention, which is as fast on current torch.",
+        "optim",
+    )
     noise_offset: float = _field(
         0.0,
         "Add this x a per-image, per-channel constant to the noise (kohya `noise_offset`; 0.05-0.1 helps flat, very "
@@ -362,6 +385,11 @@ class TrainConfig:
     def uses_ti(self) -> bool:
         """True when the method trains a textual-inversion embedding."""
         return self.method in ("ti", "ti+lora")
+
+    @property
+    def uses_reg_images(self) -> bool:
+        """True with `reg_data_dir` or a subset marked `is_reg`."""
+        return bool(self.reg_data_dir) or any(subset.get("is_reg") for subset in self.subsets)
 
     @property
     def uses_lora(self) -> bool:
@@ -454,6 +482,12 @@ ALIASES = {
     "conv_dim": "conv_rank",
     "lr_warmup": "lr_warmup_steps",
 }
+# Flags of other trainers whose setting has another form here.
+RENAMED_FLAGS = {
+    "v_parameterization": "prediction_type: v_prediction",
+    "sdpa": "nothing: PyTorch SDPA is the default attention (xformers: true for xformers)",
+    "mem_eff_attn": "xformers: true",
+}
 _REQUIRED = ("base_model",)
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -485,6 +519,11 @@ def _coerce_subsets(value):
                 close = difflib.get_close_matches(str(key), SUBSET_KEYS, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 errors.append(f"subsets[{index}].{key}: unknown key.{hint} Keys: {', '.join(SUBSET_KEYS)}.")
+                continue
+            if key == "is_reg":  # subset-only: no top-level field to borrow the type from
+                if not isinstance(setting, bool):
+                    errors.append(f"subsets[{index}].is_reg: expected true or false, got {setting!r}.")
+                subset[key] = setting
                 continue
             name = "train_data_dir" if key == "image_dir" else key
             converted, error = _coerce(name, setting)
@@ -578,6 +617,9 @@ def _canonical_keys(raw: dict, errors: list[str]) -> dict:
     candidates = list(FIELDS) + list(ALIASES)
     for key, value in raw.items():
         name = ALIASES.get(key, key)
+        if key in RENAMED_FLAGS:
+            errors.append(f"{key}: not a key here; use {RENAMED_FLAGS[key]}.")
+            continue
         if name not in FIELDS:
             close = difflib.get_close_matches(str(key), candidates, n=1, cutoff=0.6)
             hint = f" Did you mean {ALIASES.get(close[0], close[0])!r}?" if close else ""
@@ -680,8 +722,13 @@ def _cross_field_errors(config: TrainConfig, given: set[str]) -> list[str]:
             )
     if config.uses_lora and config.train_unet is False and config.train_text_encoder is False:
         errors.append("train_unet, train_text_encoder: both false leaves no LoRA to train; set one to true.")
-    if config.prior_loss_weight is not None and not config.prior_preservation_prompts:
-        errors.append("prior_loss_weight: has no effect without prior_preservation_prompts; add prompts or remove it.")
+    if config.prior_loss_weight is not None and not (config.prior_preservation_prompts or config.uses_reg_images):
+        errors.append(
+            "prior_loss_weight: has no effect without prior_preservation_prompts or regularization images "
+            "(reg_data_dir, or subsets with is_reg: true); add one or remove it."
+        )
+    if config.subsets and all(subset.get("is_reg") for subset in config.subsets):
+        errors.append("subsets: every subset has is_reg: true; add at least one subset of training images.")
     if config.placeholder_token and any(config.placeholder_token in p for p in config.prior_preservation_prompts):
         errors.append(
             f"prior_preservation_prompts: they must describe what stays unchanged, but one contains the placeholder "

@@ -66,6 +66,7 @@ class Subset:
     shuffle_caption: bool = False
     keep_tokens: int = 0
     caption_dropout_rate: float = 0.0
+    is_reg: bool = False  # regularization (class) images: loss weighted by prior_loss_weight
 
 
 @dataclass(frozen=True)
@@ -150,46 +151,60 @@ def check_image(path: Path, resolution: int) -> str | None:
 
 
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
-_INHERITED = tuple(key for key in SUBSET_KEYS if key not in ("image_dir", "metadata_path"))
+_INHERITED = tuple(key for key in SUBSET_KEYS if key not in ("image_dir", "metadata_path", "is_reg"))
 
 
 def _subset(folder: Path, settings: dict, setting: str = "train_data_dir") -> Subset:
     metadata = settings.get("metadata_path")
     values = {key: settings[key] for key in _INHERITED if settings.get(key) is not None}
-    return Subset(folder, folder.name, setting, metadata_path=Path(metadata) if metadata else None, **values)
+    return Subset(
+        folder, folder.name, setting, metadata_path=Path(metadata) if metadata else None,
+        is_reg=bool(settings.get("is_reg")), **values,
+    )  # fmt: skip
 
 
 def resolve_subsets(config: TrainConfig) -> tuple[list[Subset], list[str]]:
     """The image folders a config trains on: its `subsets`, the kohya repeat folders (`10_mychar woman/`) inside
-    `train_data_dir`, or `train_data_dir` itself. Unset subset settings take the top-level values; a repeat folder
-    takes its repeats and class tokens from its name. Returns (subsets, problems)."""
+    `train_data_dir`, or `train_data_dir` itself; then the regularization folders of `reg_data_dir` (same rules).
+    Unset subset settings take the top-level values; a repeat folder takes its repeats and class tokens from its
+    name. Returns (subsets, problems)."""
     top = {key: getattr(config, key) for key in _INHERITED}
+    subsets, errors = [], []
     if config.subsets:
-        return [
+        subsets = [
             _subset(Path(item["image_dir"]), {**top, **item}, f"subsets[{index}].image_dir")
             for index, item in enumerate(config.subsets, start=1)
-        ], []
-    root = Path(config.train_data_dir)
+        ]
+    else:
+        subsets, errors = _folder_subsets(Path(config.train_data_dir), top, "train_data_dir", config.metadata_path)
+    if config.reg_data_dir:
+        reg_subsets, reg_errors = _folder_subsets(Path(config.reg_data_dir), {**top, "is_reg": True}, "reg_data_dir")
+        subsets, errors = subsets + reg_subsets, errors + reg_errors
+    return subsets, errors
+
+
+def _folder_subsets(root: Path, top: dict, setting: str, metadata_path: str | None = None):
+    """(subsets, problems) of one data folder: its kohya repeat folders, or the folder itself."""
     folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     repeat_folders = [p for p in folders if KOHYA_FOLDER.match(p.name)]
     if not repeat_folders:
-        return [_subset(root, {**top, "metadata_path": config.metadata_path})], []
+        return [_subset(root, {**top, "metadata_path": metadata_path}, setting)], []
     errors = []
     if list_images(root):
         errors.append(
-            f"train_data_dir: {root} holds images next to kohya repeat folders ({repeat_folders[0].name}, ...); "
+            f"{setting}: {root} holds images next to kohya repeat folders ({repeat_folders[0].name}, ...); "
             f"those images would not be trained. Move them into a repeat folder such as 1_{root.name}/."
         )
     others = [p.name for p in folders if not KOHYA_FOLDER.match(p.name)]
     if others:
         errors.append(
-            f"train_data_dir: {root} has folders that are not repeat folders (`<repeats>_<class tokens>`): "
+            f"{setting}: {root} has folders that are not repeat folders (`<repeats>_<class tokens>`): "
             f"{_listing(others)}; they would not be trained. Rename them (e.g. 1_{others[0]}) or move them out."
         )
     subsets = []
     for folder in repeat_folders:
         repeats, tokens = KOHYA_FOLDER.match(folder.name).groups()
-        subsets.append(_subset(folder, {**top, "num_repeats": int(repeats), "class_tokens": tokens}))
+        subsets.append(_subset(folder, {**top, "num_repeats": int(repeats), "class_tokens": tokens}, setting))
     return subsets, errors
 
 
@@ -345,12 +360,30 @@ def scan_dataset(
         (examples, problems): each image once per repeat. Training must not start while problems is non-empty.
     """
     subsets, errors = resolve_subsets(config)
-    examples = []
+    examples, reg_examples = [], []
     for subset in subsets:
-        found, subset_errors = scan_subset(subset, placeholder, config.resolution, config.bad_images, skipped)
-        examples += [example for example in found for _ in range(subset.num_repeats)]
+        needs = None if subset.is_reg else placeholder  # class images name the class, not the new token
+        found, subset_errors = scan_subset(subset, needs, config.resolution, config.bad_images, skipped)
+        target = reg_examples if subset.is_reg else examples
+        target += [example for example in found for _ in range(subset.num_repeats)]
         errors += subset_errors
-    return examples, errors
+        uncaptioned = [e.image_path.name for e in found if subset.is_reg and e.caption is None]
+        if uncaptioned:
+            errors.append(
+                f"{subset.image_dir}: regularization images {_listing(uncaptioned)} have no caption; name the "
+                "folder like 1_woman (class tokens), set class_tokens, or write captions."
+            )
+    return examples + balance_reg_examples(reg_examples, len(examples)), errors
+
+
+def balance_reg_examples(reg_examples: list[Example], train_samples: int) -> list[Example]:
+    """Regularization samples for one epoch: as many as training samples, cycling through them when there are
+    fewer and using the first ones when there are more (kohya's rule, so the prior term keeps a fixed share)."""
+    if not reg_examples:
+        return []
+    if len(reg_examples) > train_samples:
+        logger.info("%d regularization samples, %d used per epoch", len(reg_examples), train_samples)
+    return [reg_examples[i % len(reg_examples)] for i in range(train_samples)]
 
 
 def bucket_sizes(resolution: int, min_side: int, max_side: int, step: int) -> list[tuple[int, int]]:
@@ -404,36 +437,76 @@ def describe_buckets(plan: dict) -> list[str]:
     ]
 
 
-class BucketBatches:
-    """Batch sampler for a DataLoader: batches of indices that share a bucket (one bucket for square crops),
-    shuffled within buckets and in order by a generator seeded with `seed + epoch`, so any epoch's order can be
-    rebuilt exactly (resume) and equal seeds give equal orders. `set_epoch(epoch, skip)` picks the epoch and how many
-    of its batches were already used."""
+def example_seed(seed: int, epoch: int, index: int, purpose: str) -> int:
+    """A 63-bit seed for the random draws of one example in one epoch (`purpose` separates independent streams).
 
-    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int):
+    Keying every draw (crop, flip, caption options, noise, timestep) by (seed, epoch, example) instead of taking it
+    from a global generator makes a run's result independent of how its batches are cut: the number of processes,
+    gradient accumulation and dataloader workers change nothing, and a resumed run draws what the uninterrupted one
+    would have.
+    """
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{epoch}:{index}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class BucketBatches:
+    """Batch sampler for a DataLoader: batches that share a bucket (one bucket for square crops), shuffled within
+    buckets and in order by a generator seeded with `seed + epoch`, so any epoch's order can be rebuilt exactly
+    (resume) and equal seeds give equal orders. `set_epoch(epoch, skip)` picks the epoch and how many of its batches
+    were already used.
+
+    With `num_processes` > 1 (data-parallel training) every process builds the same global batches of
+    `batch_size x num_processes` samples and takes its own `batch_size` slice of each, so the processes together see
+    exactly what one process with the larger batch would. A global batch too short to fill every slice (the last one
+    of a bucket) is filled by repeating its own samples, so every process takes part in every step.
+
+    Each item is `(dataset index, epoch)`: `ImageCaptionDataset` keys its random draws by them (`example_seed`).
+    """
+
+    def __init__(
+        self,
+        buckets: list[tuple[int, int]],
+        batch_size: int,
+        seed: int,
+        num_processes: int = 1,
+        process_index: int = 0,
+    ):
         self.groups: dict[tuple[int, int], list[int]] = {}
         for index, bucket in enumerate(buckets):
             self.groups.setdefault(bucket, []).append(index)
         self.batch_size, self.seed, self.epoch, self.skip = batch_size, seed, 0, 0
+        self.num_processes, self.process_index = num_processes, process_index
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Chooses the order of epoch `epoch`, starting after its first `skip` batches."""
         self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return sum(math.ceil(len(indices) / self.batch_size) for indices in self.groups.values())
+        size = self.batch_size * self.num_processes
+        return sum(math.ceil(len(indices) / size) for indices in self.groups.values())
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """Every batch of epoch `epoch`, in order."""
+        """Every global batch (all processes together) of epoch `epoch`, in order."""
         generator = torch.Generator().manual_seed(self.seed + epoch)
-        batches = []
+        size, batches = self.batch_size * self.num_processes, []
         for _, indices in sorted(self.groups.items()):
             order = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
-            batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            batches += [order[i : i + size] for i in range(0, len(order), size)]
         return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
+    def process_slice(self, batch: list[int]) -> list[int]:
+        """This process's part of a global batch (all of it for one process)."""
+        if self.num_processes == 1:
+            return batch
+        share = math.ceil(len(batch) / self.num_processes)
+        start = self.process_index * share
+        return [batch[i % len(batch)] for i in range(start, start + share)]
+
     def __iter__(self):
-        yield from self.epoch_batches(self.epoch)[self.skip :]
+        for batch in self.epoch_batches(self.epoch)[self.skip :]:
+            yield [(index, self.epoch) for index in self.process_slice(batch)]
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -498,7 +571,10 @@ class LatentCache:
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Images resized so the shorter side is `resolution`, cropped square, scaled to [-1, 1].
 
-    Randomness (random crop, flip, template choice) uses torch's global generator, so a seeded run is reproducible.
+    Items are `(index, epoch)` (from `BucketBatches`; a plain index means epoch 0). Every random draw of an item
+    (crop, flip, template choice, caption shuffle and dropout) comes from a generator seeded by `example_seed`, and
+    the item carries `noise_seed` for the objective's draws (noise, timestep), so results do not depend on how
+    items are batched or spread over processes.
     """
 
     def __init__(
@@ -516,25 +592,30 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.random_flip = config.random_flip
         self.templates = STYLE_TEMPLATES if config.learnable_property == "style" else OBJECT_TEMPLATES
         self.templates_subject = templates_subject
+        self.seed = config.seed
+        self.prior_loss_weight = config.effective_prior_loss_weight
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def _caption(self, example: Example) -> str:
+    def _caption(self, example: Example, generator: torch.Generator) -> str:
         subset = example.subset
-        if subset is not None and subset.caption_dropout_rate and bool(torch.rand(()) < subset.caption_dropout_rate):
+        dropout = subset.caption_dropout_rate if subset is not None else 0.0
+        if dropout and bool(torch.rand((), generator=generator) < dropout):
             return ""
         if example.caption is None:
             if self.templates_subject is None:
                 return ""  # LoRA without captions: the empty prompt
-            template = self.templates[int(torch.randint(len(self.templates), ()))]
+            template = self.templates[int(torch.randint(len(self.templates), (), generator=generator))]
             return template.format(self.templates_subject)
         caption = example.caption
         if subset is not None and subset.shuffle_caption:
-            caption = shuffle_tags(caption, subset.keep_tokens)
+            caption = shuffle_tags(caption, subset.keep_tokens, generator)
         return full_caption(caption, subset)
 
-    def _pixels(self, path: Path, size: tuple[int, int], flip: bool | None = None) -> torch.Tensor:
+    def _pixels(
+        self, path: Path, size: tuple[int, int], flip: bool | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Resized to cover `size` (aspect kept), cropped to it, flipped (at random when `flip` is None), scaled to
         [-1, 1]."""
         image = load_rgb(path)
@@ -545,23 +626,29 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if self.center_crop:
             left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
         else:
-            left = int(torch.randint(scaled[0] - width + 1, ()))
-            top = int(torch.randint(scaled[1] - height + 1, ()))
+            left = int(torch.randint(scaled[0] - width + 1, (), generator=generator))
+            top = int(torch.randint(scaled[1] - height + 1, (), generator=generator))
         image = image.crop((left, top, left + width, top + height))
-        flipped = flip if flip is not None else self.random_flip and bool(torch.rand(()) < 0.5)
+        flipped = flip if flip is not None else self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
         if flipped:
             image = ImageOps.mirror(image)
         array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
         return array.view(height, width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
 
-    def __getitem__(self, index: int) -> dict:
-        example = self.examples[index]
-        size = self.size_of(index)
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
+        example, size = self.examples[index], self.size_of(index)
+        generator = torch.Generator().manual_seed(example_seed(self.seed, epoch, index, "data"))
         if self.latent_cache is None:
-            return {"pixel_values": self._pixels(example.image_path, size), "caption": self._caption(example)}
-        flipped = self.random_flip and bool(torch.rand(()) < 0.5)  # the same draw the pixel path makes
-        mean, std = self.latent_cache.get(self.latent_cache.key(example.image_path, size, flipped))
-        return {"latent_mean": mean, "latent_std": std, "caption": self._caption(example)}
+            pixels = self._pixels(example.image_path, size, generator=generator)
+            drawn = {"pixel_values": pixels}
+        else:  # no crop draw: cached latents are centre crops
+            flipped = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
+            mean, std = self.latent_cache.get(self.latent_cache.key(example.image_path, size, flipped))
+            drawn = {"latent_mean": mean, "latent_std": std}
+        noise_seed = example_seed(self.seed, epoch, index, "noise")
+        weight = self.prior_loss_weight if _is_reg(example) else 1.0
+        return {**drawn, "caption": self._caption(example, generator), "noise_seed": noise_seed, "loss_weight": weight}
 
     def size_of(self, index: int) -> tuple[int, int]:
         """(width, height) example `index` trains at."""
@@ -593,11 +680,11 @@ def fill_latent_cache(dataset: ImageCaptionDataset, cache: LatentCache, encode, 
     dataset.latent_cache = cache
 
 
-def shuffle_tags(caption: str, keep_tokens: int) -> str:
-    """The caption's comma-separated tags in a random order (torch's generator), the first `keep_tokens` in place."""
+def shuffle_tags(caption: str, keep_tokens: int, generator: torch.Generator | None = None) -> str:
+    """The caption's comma-separated tags in a random order (from `generator`), the first `keep_tokens` in place."""
     tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
     kept, rest = tags[:keep_tokens], tags[keep_tokens:]
-    order = torch.randperm(len(rest)).tolist()
+    order = torch.randperm(len(rest), generator=generator).tolist()
     return ", ".join(kept + [rest[i] for i in order])
 
 
@@ -613,14 +700,28 @@ def tag_frequency(examples: list[Example]) -> dict[str, int]:
 
 
 def dataset_summary(config: TrainConfig, examples: list[Example]) -> dict:
-    """What the LoRA metadata records about the data (kohya's `ss_dataset_dirs`, `ss_tag_frequency`,
-    `ss_num_train_images`): per subset folder its repeats, image count and tag counts; images x repeats in all."""
+    """What the LoRA metadata records about the data (kohya's `ss_dataset_dirs`, `ss_reg_dataset_dirs`,
+    `ss_tag_frequency`, `ss_num_train_images`, `ss_num_reg_images`): per subset folder its repeats, image count
+    and tag counts; training samples per epoch (images x repeats); regularization images."""
     dirs: dict[str, dict] = {}
+    reg_dirs: dict[str, dict] = {}
     frequencies: dict[str, dict[str, int]] = {}
     for subset, unique in _by_subset(examples).items():
-        dirs[subset.name] = {"n_repeats": subset.num_repeats, "img_count": len(unique)}
-        frequencies[subset.name] = tag_frequency(unique)
-    return {"dataset_dirs": dirs, "tag_frequency": frequencies, "num_images": len(examples)}
+        entry = {"n_repeats": subset.num_repeats, "img_count": len(unique)}
+        (reg_dirs if subset.is_reg else dirs)[subset.name] = entry
+        if not subset.is_reg:
+            frequencies[subset.name] = tag_frequency(unique)
+    return {
+        "dataset_dirs": dirs,
+        "reg_dataset_dirs": reg_dirs,
+        "tag_frequency": frequencies,
+        "num_images": sum(1 for example in examples if not _is_reg(example)),
+        "num_reg_images": sum(entry["img_count"] for entry in reg_dirs.values()),
+    }
+
+
+def _is_reg(example: Example) -> bool:
+    return example.subset is not None and example.subset.is_reg
 
 
 def _by_subset(examples: list[Example]) -> dict[Subset, list[Example]]:
@@ -662,7 +763,8 @@ def describe_dataset(examples: list[Example], top_tags: int = 8) -> list[str]:
     """The dry-run report per subset: folder, images, repeats, where captions came from, caption options, tags."""
     lines = []
     for number, (subset, unique) in enumerate(_by_subset(examples).items(), start=1):
-        lines.append(f"subset {number}: {subset.image_dir} ({subset.setting})")
+        kind = ", regularization" if subset.is_reg else ""
+        lines.append(f"subset {number}: {subset.image_dir} ({subset.setting}{kind})")
         samples = len(unique) * subset.num_repeats
         lines.append(f"  {len(unique)} images x {subset.num_repeats} repeats = {samples} samples per epoch")
         lines.append(f"  captions: {_caption_counts(unique)}")
@@ -670,4 +772,10 @@ def describe_dataset(examples: list[Example], top_tags: int = 8) -> list[str]:
         tags = list(tag_frequency(unique).items())[:top_tags]
         if tags:
             lines.append("  top tags: " + ", ".join(f"{tag} ({count})" for tag, count in tags))
+    reg_samples = sum(1 for example in examples if _is_reg(example))
+    if reg_samples:
+        lines.append(
+            f"regularization: {reg_samples} samples per epoch (as many as training samples, repeated or cut), "
+            "loss weighted by prior_loss_weight"
+        )
     return lines

@@ -2,25 +2,59 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 
-def sample_timesteps(batch_size: int, low: int, high: int, device: torch.device) -> torch.Tensor:
-    """Timesteps drawn uniformly from `[low, high)`, one per example (kohya `min_timestep`/`max_timestep`)."""
-    return torch.randint(low, high, (batch_size,), device=device, dtype=torch.long)
+@dataclass
+class Draws:
+    """The objective's random draws for a batch (see `draw`)."""
+
+    latent_noise: torch.Tensor  # [B, C, H, W] standard normal: latent = mean + std * latent_noise
+    noise: torch.Tensor  # [B, C, H, W] the noise added to the latents
+    timesteps: torch.Tensor  # [B] long
+    prior_picks: list[int]  # one prior-preservation prompt index per example
 
 
-def sample_noise(latents: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise like `latents`, plus `offset` x a per-image, per-channel constant when `offset` > 0.
+def draw(
+    seeds: list[int],
+    shape: tuple[int, int, int],
+    timestep_range: tuple[int, int],
+    noise_offset: float = 0.0,
+    prior_prompts: int = 0,
+    device: torch.device | str = "cpu",
+) -> Draws:
+    """Draws each example's latent sample, noise, timestep and prior prompt from a generator seeded with its own
+    seed (`data.example_seed`), so an example gets the same draws in any batch, process or accumulation window.
 
-    The offset ("Diffusion with Offset Noise", Crosslabs 2023; kohya `noise_offset`) lets a model change an image's
-    mean colour, which plain noise at SD's last timestep barely allows.
+    Args:
+        seeds: One seed per example.
+        shape: (channels, height, width) of one latent.
+        timestep_range: Timesteps are drawn uniformly from `[low, high)` (kohya `min_timestep`/`max_timestep`).
+        noise_offset: Adds `noise_offset` x one Gaussian constant per image and channel ("Diffusion with Offset
+            Noise", Crosslabs 2023; kohya `noise_offset`): it lets a model change an image's mean colour, which plain
+            noise at SD's last timestep barely allows.
+        prior_prompts: How many prior-preservation prompts there are to pick from (0: none).
+        device: Where the tensors go (they are drawn on the CPU, so every device draws the same numbers).
     """
-    noise = torch.randn_like(latents)
-    if offset:
-        noise = noise + offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
-    return noise
+    latent_noise, noise, timesteps, picks = [], [], [], []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(int(seed))
+        latent_noise.append(torch.randn(shape, generator=generator))
+        example_noise = torch.randn(shape, generator=generator)
+        if noise_offset:
+            example_noise = example_noise + noise_offset * torch.randn(shape[0], 1, 1, generator=generator)
+        noise.append(example_noise)
+        timesteps.append(int(torch.randint(timestep_range[0], timestep_range[1], (), generator=generator)))
+        picks.append(int(torch.randint(prior_prompts, (), generator=generator)) if prior_prompts else 0)
+    return Draws(
+        torch.stack(latent_noise).to(device),
+        torch.stack(noise).to(device),
+        torch.tensor(timesteps, dtype=torch.long, device=device),
+        picks,
+    )
 
 
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

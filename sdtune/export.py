@@ -180,7 +180,8 @@ def kohya_lora_metadata(config, family: str, base_name: str, base_sha256: str, r
         base_name: Base checkpoint name (`ss_sd_model_name`).
         base_sha256: Its sha256 (`ss_new_sd_model_hash`).
         run: `started_at` (unix time), `steps`, `epoch`, `num_batches_per_epoch`, `max_steps`, `learning_rates`
-            (per group), `dataset` (see `data.dataset_summary`), optional `finished_at`.
+            (per group), `dataset` (see `data.dataset_summary`), `num_processes` (data-parallel processes),
+            optional `finished_at`.
     """
     rates = run["learning_rates"]
     network_args = {}
@@ -204,9 +205,9 @@ def kohya_lora_metadata(config, family: str, base_name: str, base_sha256: str, r
         "ss_optimizer": f"torch.optim.AdamW(weight_decay={config.adam_weight_decay})",
         "ss_batch_size_per_device": str(config.batch_size),
         "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
-        "ss_total_batch_size": str(config.batch_size * config.gradient_accumulation_steps),
+        "ss_total_batch_size": str(config.batch_size * config.gradient_accumulation_steps * run["num_processes"]),
         "ss_num_train_images": str(run["dataset"]["num_images"]),
-        "ss_num_reg_images": "0",
+        "ss_num_reg_images": str(run["dataset"].get("num_reg_images", 0)),
         "ss_num_batches_per_epoch": str(run["num_batches_per_epoch"]),
         "ss_num_epochs": str(run["num_epochs"]),
         "ss_epoch": str(run["epoch"]),
@@ -214,10 +215,15 @@ def kohya_lora_metadata(config, family: str, base_name: str, base_sha256: str, r
         "ss_max_train_steps": str(run["max_steps"]),
         "ss_resolution": f"({config.resolution}, {config.resolution})",
         "ss_seed": str(config.seed),
-        "ss_mixed_precision": "no",
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_noise_offset": str(config.noise_offset) if config.noise_offset else "None",
+        "ss_min_snr_gamma": str(config.min_snr_gamma) if config.min_snr_gamma else "None",
+        "ss_prior_loss_weight": str(config.effective_prior_loss_weight),
+        "ss_v_parameterization": str(config.prediction_type == "v_prediction"),
         "ss_clip_skip": str(config.clip_skip) if config.clip_skip > 1 else "None",
         "ss_dataset_dirs": json.dumps(run["dataset"]["dataset_dirs"]),
         "ss_tag_frequency": json.dumps(run["dataset"]["tag_frequency"]),
+        "ss_reg_dataset_dirs": json.dumps(run["dataset"].get("reg_dataset_dirs", {})),
         "ss_enable_bucket": str(config.enable_bucket),
         "ss_cache_latents": str(config.cache_latents),
         "ss_training_started_at": str(run["started_at"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ class TrainResult:
     saved_paths: list[Path] = field(default_factory=list)
     steps: int = 0
     last_loss: float = float("nan")
+    main_process: bool = True  # False on the other processes of a data-parallel run (they write nothing)
 
 
 def preflight(config: TrainConfig) -> list[data.Example]:
@@ -37,9 +39,7 @@ def preflight(config: TrainConfig) -> list[data.Example]:
     Raises:
         ConfigError: With all problems found; nothing has been loaded yet.
     """
-    errors: list[str] = _optimizer_problems(config)
-    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        errors.append("mixed_precision: fp16 needs a CUDA GPU (autocast on CPU runs bf16); use bf16 or no here.")
+    errors: list[str] = _optimizer_problems(config) + _device_problems(config)
     if config.resume:
         try:
             checkpoint.resolve(config.resume, Path(config.output_dir))
@@ -122,50 +122,60 @@ def _cached_prompts(run: Run, captions: list[str], device: torch.device) -> torc
     return torch.stack([run.text_cache[caption] for caption in captions])
 
 
+def _latent_distribution(batch: dict, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the batch's VAE latent distributions, from the latent cache or the VAE, unscaled."""
+    device = run.accelerator.device
+    if "latent_mean" in batch:
+        return batch["latent_mean"].to(device), batch["latent_std"].to(device)
+    vae = run.base.vae
+    distribution = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist
+    return distribution.mean.float(), distribution.std.float()
+
+
 def _loss(batch: dict, run: Run, captions: list[str]) -> torch.Tensor:
     """Denoising loss of one batch: encode images, add noise at random timesteps, predict, compare; plus the
-    prior-preservation loss when `prior_preservation_prompts` are set."""
+    prior-preservation loss when `prior_preservation_prompts` are set. Every random draw is the example's own
+    (`diffusion.draw` with the item's `noise_seed`)."""
     device, scheduler, config = run.accelerator.device, run.noise_scheduler, run.config
     with torch.no_grad():
-        if "latent_mean" in batch:  # cached: sample the stored distribution, as latent_dist.sample() does
-            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
-            latents = mean + std * torch.randn(mean.shape, device=device, dtype=mean.dtype)
-        else:
-            vae = run.base.vae
-            latents = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist.sample().float()
-        # contiguous: the VAE can return channels-last latents on CPU, and randn_like follows the layout, so the
-        # noise for the same seed would depend on where the latents came from (cache or VAE)
-        latents = (latents * run.base.vae.config.scaling_factor).contiguous()
-    noise = diffusion.sample_noise(latents, config.noise_offset)
-    high = min(config.max_timestep, scheduler.config.num_train_timesteps)
-    timesteps = diffusion.sample_timesteps(latents.shape[0], config.min_timestep, high, device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+        mean, std = _latent_distribution(batch, run)
+        high = min(config.max_timestep, scheduler.config.num_train_timesteps)
+        draws = diffusion.draw(
+            batch["noise_seed"].tolist(), tuple(mean.shape[1:]), (config.min_timestep, high), config.noise_offset,
+            len(config.prior_preservation_prompts), device,
+        )  # fmt: skip
+        # sampling the latent distribution as latent_dist.sample() does, with the example's own draw
+        # contiguous: the VAE can return channels-last latents on CPU; the cache stores contiguous ones
+        latents = ((mean + std * draws.latent_noise) * run.base.vae.config.scaling_factor).contiguous()
+    noisy = scheduler.add_noise(latents, draws.noise, draws.timesteps)
     if run.text_cache is not None:
         hidden_states = _cached_prompts(run, captions, device)
     else:
         with torch.set_grad_enabled(run.text_encoder_trains):  # no activations kept for a frozen text path
             hidden_states = _text_states(run, captions, device)
-    prediction = run.unet(noisy, timesteps, hidden_states).sample
+    prediction = run.unet(noisy, draws.timesteps, hidden_states).sample
     weights = None
+    if config.uses_reg_images:  # regularization images count prior_loss_weight times
+        weights = batch["loss_weight"].to(device, torch.float32)
     if config.min_snr_gamma:
-        weights = diffusion.min_snr_weights(scheduler, timesteps, config.min_snr_gamma)
-    target = diffusion.training_target(scheduler, latents, noise, timesteps)
+        snr_weights = diffusion.min_snr_weights(scheduler, draws.timesteps, config.min_snr_gamma)
+        weights = snr_weights if weights is None else weights * snr_weights
+    target = diffusion.training_target(scheduler, latents, draws.noise, draws.timesteps)
     loss = diffusion.denoising_loss(prediction, target, weights)
     if config.prior_preservation_prompts:
-        loss = loss + config.effective_prior_loss_weight * _prior_loss(run, noisy, timesteps)
+        prior = _prior_loss(run, noisy, draws.timesteps, draws.prior_picks)
+        loss = loss + config.effective_prior_loss_weight * prior
     return loss
 
 
-def _prior_loss(run: Run, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """How far the trained model's predictions for prior prompts (drawn at random, one per example) are from the
-    base model's, both on the batch's noisy latents: a distillation form of DreamBooth's prior preservation (Ruiz
-    et al. 2023) that needs no class images."""
-    prompts = run.config.prior_preservation_prompts
-    picks = torch.randint(len(prompts), (noisy.shape[0],)).tolist()
-    chosen, device = [prompts[i] for i in picks], noisy.device
+def _prior_loss(run: Run, noisy: torch.Tensor, timesteps: torch.Tensor, picks: list[int]) -> torch.Tensor:
+    """How far the trained model's predictions for prior prompts (`picks`: one per example) are from the base
+    model's, both on the batch's noisy latents: a distillation form of DreamBooth's prior preservation (Ruiz et al.
+    2023) that needs no class images."""
+    chosen, device = [run.config.prior_preservation_prompts[i] for i in picks], noisy.device
     with torch.no_grad(), lora.adapters_disabled(run.base.unet, run.base.text_encoder):
         states = _text_states(run, chosen, device)
-        target = run.unet(noisy, timesteps, states).sample
+        target = run.base.unet(noisy, timesteps, states).sample  # no gradient: the unwrapped module
     if run.trainables.get("text_encoder"):  # only a text-encoder LoRA changes these prompts' states
         states = _text_states(run, chosen, device)
     return diffusion.denoising_loss(run.unet(noisy, timesteps, states).sample, target)
@@ -245,6 +255,23 @@ def _store_frozen_in_half(config: TrainConfig, base: models.BaseModel, trainable
             param.data = param.data.float()
 
 
+def _device_problems(config: TrainConfig) -> list[str]:
+    """Settings this machine cannot run: fp16 autocast and xformers need CUDA; xformers needs its package."""
+    import importlib.util
+
+    problems = []
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        problems.append("mixed_precision: fp16 needs a CUDA GPU (autocast on CPU runs bf16); use bf16 or no here.")
+    if config.xformers and importlib.util.find_spec("xformers") is None:
+        problems.append(
+            "xformers: true needs the xformers package: pip install 'sdtune[xformers]' (it pins its own torch), "
+            "or remove it: PyTorch's SDPA attention is the default and as fast on current torch."
+        )
+    elif config.xformers and not torch.cuda.is_available():
+        problems.append("xformers: true needs a CUDA GPU (its kernels have no CPU version); remove it here.")
+    return problems
+
+
 def _optimizer_problems(config: TrainConfig) -> list[str]:
     import importlib.util
 
@@ -269,6 +296,11 @@ def _optimizer(config: TrainConfig, trainables: dict) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay)
 
 
+def _launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate launch) started, from its environment."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(config: TrainConfig) -> Run:
     """Checks the input (see `preflight`), loads the base, attaches the method's trainable parts, and builds the data
     loader, optimizer and schedule.
@@ -285,18 +317,31 @@ def setup(config: TrainConfig) -> Run:
 
     started_at = time.time()
     accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        cpu=_launched_processes() > 1 and not torch.cuda.is_available(),  # torchrun on CPUs: gloo data-parallel
     )
+    if accelerator.num_processes != _launched_processes():  # independent copies would write the same files
+        raise ConfigError(
+            f"launched as {_launched_processes()} processes (WORLD_SIZE) but accelerate set up "
+            f"{accelerator.num_processes}; launch with `accelerate launch --multi_gpu --num_processes N` on GPUs or "
+            "`torchrun --nproc_per_node N` on CPUs (docs/training.md, multi-process)."
+        )
     set_seed(config.seed)
     base = models.load_base_model(config.base_model, config.base_model_config)
+    if config.prediction_type:  # forced: noise schedule, samples and the recorded base all follow it
+        logger.info("prediction_type %s (the base's scheduler says %s)", config.prediction_type, base.prediction_type)
+        base.scheduler_config = {**base.scheduler_config, "prediction_type": config.prediction_type}
     record = compat.base_record(base)  # before a placeholder changes the tokenizer
     trainables = _attach(config, base)
     _store_frozen_in_half(config, base, trainables)
     if config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
+    if config.xformers:
+        base.unet.enable_xformers_memory_efficient_attention()
     for module in (base.unet, base.vae, base.text_encoder):
         module.to(accelerator.device)
-    loader, dataset_summary = _data_loader(config, examples, base)
+    loader, dataset_summary = _data_loader(config, examples, base, accelerator)
     plan = steps_plan(config, len(examples), len(loader))
     optimizer = _optimizer(config, trainables)
     lr_schedule = get_scheduler(
@@ -329,10 +374,11 @@ def setup(config: TrainConfig) -> Run:
     )
 
 
-def _data_loader(config: TrainConfig, examples: list[data.Example], base: models.BaseModel):
+def _data_loader(config: TrainConfig, examples: list[data.Example], base: models.BaseModel, accelerator):
     """(loader, dataset summary for the metadata). Batches come from `data.BucketBatches`: square crops in one bucket,
     or with `enable_bucket` each image at its bucket size, batches drawn within a bucket; the order of every epoch
-    follows from the seed, so a resumed run continues exactly. Latents come from a cache with `cache_latents`."""
+    follows from the seed, so a resumed run continues exactly, and each process takes its slice of every global
+    batch. Latents come from a cache with `cache_latents`."""
     summary = data.dataset_summary(config, examples)
     sizes, extra = None, {}
     if config.enable_bucket:
@@ -341,7 +387,9 @@ def _data_loader(config: TrainConfig, examples: list[data.Example], base: models
     dataset = data.ImageCaptionDataset(examples, config, config.placeholder_token, sizes=sizes)
     _maybe_cache_latents(config, dataset, base)
     buckets = sizes or [(config.resolution, config.resolution)] * len(examples)
-    sampler = data.BucketBatches(buckets, config.batch_size, config.seed)
+    sampler = data.BucketBatches(
+        buckets, config.batch_size, config.seed, accelerator.num_processes, accelerator.process_index
+    )
     # Its own generator: each new iterator (every epoch, and on resume) draws a worker base seed from it, which
     # would otherwise shift the global random stream that crops, flips and noise come from.
     loader = torch.utils.data.DataLoader(
@@ -369,15 +417,16 @@ def _maybe_cache_latents(config: TrainConfig, dataset: data.ImageCaptionDataset,
 
 
 def _log_step(writer, run: Run, step: int, loss: float, started: float, first_step: int) -> None:
-    """Per-step TensorBoard scalars: loss, learning rate per group, throughput of this process, peak memory."""
+    """Per-step TensorBoard scalars: loss, learning rate per group, throughput since this run (re)started (all
+    processes), peak memory (this process)."""
     if writer is None:
         return
     writer.add_scalar("loss", loss, step)
     for group in run.optimizer.param_groups:
         writer.add_scalar(f"lr/{group['name']}", group["lr"], step)
     elapsed = max(time.perf_counter() - started, 1e-9)
-    done = step - first_step  # steps of this process (a resumed run started at first_step)
-    per_step = run.config.batch_size * run.config.gradient_accumulation_steps
+    done = step - first_step  # steps since this run started (a resumed run started at first_step)
+    per_step = run.config.batch_size * run.config.gradient_accumulation_steps * run.accelerator.num_processes
     writer.add_scalar("speed/steps_per_second", done / elapsed, step)
     writer.add_scalar("speed/samples_per_second", done * per_step / elapsed, step)
     if torch.cuda.is_available():
@@ -444,6 +493,7 @@ def _lora_metadata(run: Run, steps: int, final: bool) -> dict[str, str]:
         "dataset": run.dataset,
         "network_dim": lora.main_rank(run.base.unet, run.base.text_encoder),
         "network_alpha": lora.main_alpha(run.base.unet, run.base.text_encoder),
+        "num_processes": run.accelerator.num_processes,
     }
     if final:
         details["finished_at"] = time.time()
@@ -679,6 +729,30 @@ def _non_finite_message(run: Run, step: int, value: float, last: checkpoint.Posi
     )
 
 
+def _batch_summary(config: TrainConfig, processes: int) -> str:
+    """The effective batch: samples per optimizer step over all processes."""
+    total = config.batch_size * config.gradient_accumulation_steps * processes
+    return (
+        f"effective batch: {config.batch_size} per process x {config.gradient_accumulation_steps} accumulation x "
+        f"{processes} process{'es' if processes > 1 else ''} = {total} samples per optimizer step"
+    )
+
+
+def _mean_over_processes(accelerator, value: torch.Tensor) -> float:
+    """The mean of a scalar over all processes (the global batch's loss when every slice has the same size)."""
+    if accelerator.num_processes == 1:
+        return value.item()
+    return accelerator.reduce(value.float().reshape(1), reduction="mean").item()
+
+
+def _on_any_process(accelerator, flag: bool) -> bool:
+    """True when `flag` is true on any process (a collective call with several processes: all must make it)."""
+    if accelerator.num_processes == 1:
+        return flag
+    count = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")
+    return bool(count.item() > 0)
+
+
 def _train_step(run: Run, batch: dict) -> torch.Tensor:
     """Forward, backward and (at the end of an accumulation window) the optimizer and schedule step."""
     config, accelerator = run.config, run.accelerator
@@ -689,7 +763,7 @@ def _train_step(run: Run, batch: dict) -> torch.Tensor:
             captions = [textual_inversion.expand_placeholder(c, config.placeholder_token, count) for c in captions]
         with accelerator.autocast():
             loss = _loss(batch, run, captions)
-        if not torch.isfinite(loss):
+        if _on_any_process(accelerator, not torch.isfinite(loss)):  # every process stops, or the others would hang
             raise NonFiniteLoss(float(loss))
         accelerator.backward(loss)
         if accelerator.sync_gradients:
@@ -710,7 +784,10 @@ def fit(run: Run) -> TrainResult:
     """
     config, accelerator, total_steps = run.config, run.accelerator, run.plan[1]
     result = TrainResult(final_path=Path(config.output_dir) / f"{config.effective_output_name}.safetensors")
+    result.main_process = accelerator.is_main_process
     start = _start(run, result)
+    if accelerator.is_main_process:
+        tqdm.write(_batch_summary(config, accelerator.num_processes))
     writer = _writer(config) if accelerator.is_main_process else None
     progress = tqdm(
         total=total_steps, initial=result.steps, desc="train", unit="step", disable=not accelerator.is_main_process
@@ -728,7 +805,7 @@ def fit(run: Run) -> TrainResult:
             if not accelerator.sync_gradients:
                 continue
             result.steps += 1
-            result.last_loss = loss.detach().item()
+            result.last_loss = _mean_over_processes(accelerator, loss.detach())
             _stop_embedding_if_due(run, result.steps)
             progress.update(1)
             progress.set_postfix(loss=f"{result.last_loss:.4f}", lr=f"{run.lr_schedule.get_last_lr()[0]:.2e}")
@@ -737,7 +814,7 @@ def fit(run: Run) -> TrainResult:
             epoch_losses.setdefault(epoch, []).append(result.last_loss)
             last = checkpoint.Position(result.steps, epoch, used)
             _step_outputs(run, result, last, writer)
-            if stop.requested:
+            if _on_any_process(accelerator, stop.requested):
                 progress.close()
                 raise TrainingInterrupted(_save_state(run, last), result.steps)
             if result.steps >= total_steps:

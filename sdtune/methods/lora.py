@@ -58,8 +58,9 @@ def unet_targets(unet: nn.Module, preset: str, rank: int, alpha: float, conv: tu
 
     Args:
         unet: The diffusers UNet.
-        preset: `kohya` (all Linear / 1x1 conv in transformer blocks), `attention` (attention projections) or
-            `cross_attention` (the text-reading `attn2` projections).
+        preset: `kohya` (all Linear / 1x1 conv in transformer blocks), `attention` (attention projections),
+            `cross_attention` (the text-reading `attn2` projections) or `cross_attention_kv` (only `attn2`'s key
+            and value projections, which read the text states: Custom Diffusion, Kumari et al. 2023).
         rank: Rank of Linear and 1x1 conv layers.
         alpha: Their alpha.
         conv: (rank, alpha) of the LoCon 3x3 convs, or None for no LoCon.
@@ -71,6 +72,8 @@ def unet_targets(unet: nn.Module, preset: str, rank: int, alpha: float, conv: tu
         if preset == "attention" and not re.search(r"\.attn[12]\.", path):
             continue
         if preset == "cross_attention" and ".attn2." not in path:
+            continue
+        if preset == "cross_attention_kv" and not re.search(r"\.attn2\.to_[kv]$", path):
             continue
         targets[path] = (rank, alpha)
     if conv is not None:

@@ -60,16 +60,31 @@ def test_no_upscale_never_enlarges_an_image(tmp_path):
 def test_batches_come_from_one_bucket_and_cover_every_sample():
     buckets = [(64, 64)] * 5 + [(96, 48)] * 3 + [(32, 128)]
     sampler = data.BucketBatches(buckets, batch_size=2, seed=1)
-    first = list(sampler)
+    first = [[index for index, _ in batch] for batch in sampler]
     assert len(sampler) == 3 + 2 + 1 == len(first)
     assert sorted(i for batch in first for i in batch) == list(range(9))
     assert all(len({buckets[i] for i in batch}) == 1 for batch in first)
     sampler.set_epoch(1)
-    second = list(sampler)  # the next epoch: another order, same coverage
+    second = list(sampler)  # the next epoch: another order, same coverage, items keyed by epoch
+    assert all(epoch == 1 for batch in second for _, epoch in batch)
+    second = [[index for index, _ in batch] for batch in second]
     assert second != first and sorted(i for b in second for i in b) == list(range(9))
-    assert list(data.BucketBatches(buckets, 2, 1)) == first  # same seed, same order
+    assert [[i for i, _ in b] for b in data.BucketBatches(buckets, 2, 1)] == first  # same seed, same order
     sampler.set_epoch(1, skip=2)
-    assert list(sampler) == second[2:]  # resuming inside an epoch
+    assert [[i for i, _ in b] for b in sampler] == second[2:]  # resuming inside an epoch
+
+
+def test_each_process_takes_its_slice_of_the_global_batches():
+    buckets = [(64, 64)] * 8 + [(96, 48)] * 3
+    single = [[i for i, _ in b] for b in data.BucketBatches(buckets, batch_size=4, seed=3)]
+    ranks = [data.BucketBatches(buckets, 2, 3, num_processes=2, process_index=rank) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(single) == 3  # 8 -> 2 global batches, 3 -> 1
+    per_rank = [[[i for i, _ in b] for b in sampler] for sampler in ranks]
+    for step, batch in enumerate(single):
+        if len(batch) == 4:  # a full global batch: the two slices are the one-process batch
+            assert per_rank[0][step] + per_rank[1][step] == batch
+        else:  # 3 samples for 2 processes: 2 each, the short slice repeats a sample of the same batch
+            assert per_rank[0][step] == batch[:2] and per_rank[1][step] == [batch[2], batch[0]]
 
 
 def test_bucket_settings_are_checked():

@@ -295,14 +295,14 @@ def test_prior_preservation_pulls_towards_the_base_model(lora_config_dict, tiny_
     config = parse_config({**lora_config_dict, "prior_preservation_prompts": prompts, "noise_offset": 0.1})
     run = setup(config)
     noisy, timesteps = torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
-    assert _prior_loss(run, noisy, timesteps).item() == 0.0
+    assert _prior_loss(run, noisy, timesteps, [0, 1]).item() == 0.0
     with torch.no_grad():
         for param in run.trainables["unet"]:
             param.add_(0.05)
-    loss = _prior_loss(run, noisy, timesteps)
+    loss = _prior_loss(run, noisy, timesteps, [0, 1])
     assert loss.item() > 0 and loss.requires_grad
     fit(run)  # trains end to end with both losses and the noise offset
-    with pytest.raises(ConfigError, match="prior_loss_weight: has no effect without prior_preservation_prompts"):
+    with pytest.raises(ConfigError, match="prior_loss_weight: has no effect without prior_preservation_prompts or"):
         parse_config({**lora_config_dict, "prior_loss_weight": 0.5})
     ti_lora = {**lora_config_dict, "method": "ti+lora", "placeholder_token": "<star>", "init_word": "star"}
     with pytest.raises(ConfigError, match="contains the placeholder '<star>'"):

@@ -3,6 +3,8 @@ optimizers, and a non-finite loss that stops training after saving the last good
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -94,19 +96,9 @@ def test_optional_optimizers_need_their_package(lora_dict):
         parse_config({**lora_dict, "optimizer_type": "adam8bit"})
 
 
-def _deterministic_loss(batch, run, captions):
-    """The real UNet and text encoder with noise and timesteps fixed by the image content, so a batch of 4 and two
-    accumulated batches of 2 see exactly the same examples."""
-    with torch.no_grad():
-        latents = run.base.vae.encode(batch["pixel_values"]).latent_dist.mean * run.base.vae.config.scaling_factor
-        hidden = train._text_states(run, captions, latents.device)
-    noise = torch.sin(latents * 37.0 + latents.sum(dim=(1, 2, 3), keepdim=True))
-    timesteps = (latents.abs().sum(dim=(1, 2, 3)) * 1000).long() % 1000
-    noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
-    return diffusion.denoising_loss(run.unet(noisy, timesteps, hidden).sample, noise)
-
-
-def test_gradient_accumulation_equals_the_larger_batch(lora_dict, tmp_path, monkeypatch):
+def test_gradient_accumulation_equals_the_larger_batch(lora_dict, tmp_path):
+    """Every random draw is keyed by (seed, epoch, example), so a batch of 4 and two accumulated batches of 2 see the
+    same examples with the same crops, noise and timesteps: the real objective, no patching."""
     from PIL import Image
 
     folder = tmp_path / "four"
@@ -116,8 +108,7 @@ def test_gradient_accumulation_equals_the_larger_batch(lora_dict, tmp_path, monk
     (folder / "metadata.csv").write_text(
         "file_name,text\n0.png,a red square\n1.png,a green one\n2.png,blue\n3.png,white thing\n", encoding="utf-8"
     )
-    monkeypatch.setattr(train, "_loss", _deterministic_loss)
-    raw = {**lora_dict, "train_data_dir": str(folder), "max_steps": 4, "random_flip": False}
+    raw = {**lora_dict, "train_data_dir": str(folder), "max_steps": 4, "random_flip": True, "noise_offset": 0.1}
     big = train.fit(train.setup(parse_config({**raw, "batch_size": 4, "output_dir": str(tmp_path / "big")})))
     accumulated = train.fit(
         train.setup(
@@ -127,8 +118,12 @@ def test_gradient_accumulation_equals_the_larger_batch(lora_dict, tmp_path, monk
         )
     )
     a, b = load_file(str(big.final_path)), load_file(str(accumulated.final_path))
-    for key in a:  # Adam divides by sqrt(v): float noise in near-zero gradients moves single entries by ~1e-4
-        torch.testing.assert_close(b[key], a[key], atol=2e-4, rtol=1e-3)
+    # Adam divides by sqrt(v): float noise in a near-zero gradient can move a single entry by a few % of one step
+    # (lr 1e-2); everything else agrees to float precision
+    for key in a:
+        torch.testing.assert_close(b[key].float(), a[key].float(), atol=5e-4, rtol=1e-3)
+    differences = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
+    assert differences.median().item() < 1e-5
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_up" in k)  # it trained
 
 
@@ -155,3 +150,42 @@ def test_clip_skip_is_recorded_in_the_lora_header(lora_dict, tmp_path):
     result = train.fit(train.setup(parse_config({**lora_dict, "clip_skip": 2, "output_dir": str(tmp_path / "o")})))
     with safe_open(str(result.final_path), "pt") as handle:
         assert handle.metadata()["ss_clip_skip"] == "2"
+
+
+def test_forced_v_prediction_trains_toward_the_velocity_and_is_recorded(lora_dict, tmp_path, monkeypatch):
+    run = train.setup(parse_config({**lora_dict, "prediction_type": "v_prediction"}))
+    assert run.noise_scheduler.config.prediction_type == "v_prediction"  # the tiny base itself is epsilon
+    seen = {}
+    original = diffusion.training_target
+
+    def spy(scheduler, latents, noise, timesteps):
+        seen["target"] = original(scheduler, latents, noise, timesteps)
+        seen["velocity"] = scheduler.get_velocity(latents, noise, timesteps)
+        return seen["target"]
+
+    monkeypatch.setattr(diffusion, "training_target", spy)
+    result = train.fit(run)
+    torch.testing.assert_close(seen["target"], seen["velocity"])
+    from safetensors import safe_open
+
+    with safe_open(str(result.final_path), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["modelspec.prediction_type"] == "v" and metadata["sdtune.prediction_type"] == "v_prediction"
+
+
+def test_kohya_attention_and_v_flags_point_to_their_settings(lora_dict):
+    with pytest.raises(ConfigError) as error:
+        parse_config({**lora_dict, "v_parameterization": True, "mem_eff_attn": True})
+    assert "v_parameterization: not a key here; use prediction_type: v_prediction." in str(error.value)
+    assert "mem_eff_attn: not a key here; use xformers: true." in str(error.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed here")
+def test_xformers_without_the_package_is_refused_before_loading(lora_dict, monkeypatch):
+    from sdtune import models
+
+    monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(
+        ConfigError, match=r"xformers: true needs the xformers package: pip install 'sdtune\[xformers\]'"
+    ):
+        train.setup(parse_config({**lora_dict, "xformers": True}))
