@@ -58,8 +58,9 @@ def _restore_rng(states: dict) -> None:
 
 
 def save_state(output_dir: Path, position: Position, trainables: dict, optimizer, schedule, config_digest: str,
-               keep_last_n: int | None = None) -> Path:  # fmt: skip
-    """Writes a complete state folder atomically and removes all but the newest `keep_last_n` states."""
+               keep_last_n: int | None = None, scaler=None) -> Path:  # fmt: skip
+    """Writes a complete state folder atomically and removes all but the newest `keep_last_n` states (`scaler`:
+    fp16's gradient scaler, whose loss scale must survive a resume)."""
     root = Path(output_dir) / STATE_DIR
     final = root / f"{_PREFIX}{position.step:08d}"
     staging = root / f".{final.name}.tmp{os.getpid()}"
@@ -69,7 +70,10 @@ def save_state(output_dir: Path, position: Position, trainables: dict, optimizer
         f"{group}.{i}": p.detach().cpu().contiguous() for group, ps in trainables.items() for i, p in enumerate(ps)
     }
     save_file(tensors, str(staging / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, staging / "optimizer.pt")
+    saved = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+    if scaler is not None:
+        saved["scaler"] = scaler.state_dict()
+    torch.save(saved, staging / "optimizer.pt")
     meta = {"position": vars(position), "rng": _rng_states(), "config_digest": config_digest}
     (staging / "state.json").write_text(json.dumps(meta), encoding="utf-8")
     if final.exists():
@@ -105,8 +109,9 @@ def resolve(resume: str, output_dir: Path) -> Path:
     return path
 
 
-def load_state(path: Path, trainables: dict, optimizer, schedule, config_digest: str) -> Position:
-    """Restores weights, optimizer, schedule and RNG states from a state folder; returns where to continue.
+def load_state(path: Path, trainables: dict, optimizer, schedule, config_digest: str, scaler=None) -> Position:
+    """Restores weights, optimizer, schedule, gradient scaler (fp16) and RNG states from a state folder; returns
+    where to continue.
 
     Raises:
         StateError: The state was written by a run with other training settings.
@@ -115,7 +120,8 @@ def load_state(path: Path, trainables: dict, optimizer, schedule, config_digest:
     if meta["config_digest"] != config_digest:
         raise StateError(
             f"resume: {path} was saved by a run with other training settings (method, data, batch, steps, "
-            "optimizer...); resume with the config that wrote it, or start a new output_dir."
+            "optimizer, number of processes...); resume with the config and launch that wrote it, or start a new "
+            "output_dir."
         )
     tensors = load_file(str(path / "trainable.safetensors"))
     with torch.no_grad():
@@ -125,5 +131,7 @@ def load_state(path: Path, trainables: dict, optimizer, schedule, config_digest:
     saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     schedule.load_state_dict(saved["schedule"])
+    if scaler is not None and "scaler" in saved:
+        scaler.load_state_dict(saved["scaler"])
     _restore_rng(meta["rng"])
     return Position(**meta["position"])

@@ -369,7 +369,16 @@ class TrainConfig:
         "uninterrupted run with the same config.",
         "output",
     )
-    logging_dir: Optional[str] = _field(None, "TensorBoard folder; default `<output_dir>/logs`.", "output")
+    logging_dir: Optional[str] = _field(
+        None, "Folder of the TensorBoard events and wandb files; default `<output_dir>/logs`.", "output"
+    )
+    log_with: Literal[("tensorboard", "wandb", "all")] = _field(
+        "tensorboard",
+        "Where scalars, sample grids and settings go: `tensorboard`, `wandb` (Weights & Biases through accelerate; "
+        "`pip install 'sdtune[wandb]'`, `WANDB_MODE=offline` keeps it local) or `all`.",
+        "output",
+    )
+    log_tracker_name: str = _field("sdtune", "wandb project name (kohya `log_tracker_name`).", "output")
     sample_prompts: tuple[str, ...] = _field(
         (),
         "Prompts rendered before training, with every save and at the end (`samples/` PNG grids, TensorBoard).",

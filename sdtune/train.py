@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sdtune import checkpoint, compat, data, diffusion, export, formats, inference, models
+from sdtune import checkpoint, compat, data, diffusion, export, formats, inference, logs, models
 from sdtune.config import ConfigError, TrainConfig, to_dict
 from sdtune.methods import lora, textual_inversion
 
@@ -39,7 +39,7 @@ def preflight(config: TrainConfig) -> list[data.Example]:
     Raises:
         ConfigError: With all problems found; nothing has been loaded yet.
     """
-    errors: list[str] = _optimizer_problems(config) + _device_problems(config)
+    errors: list[str] = _optimizer_problems(config) + _device_problems(config) + logs.missing_packages(config)
     if config.resume:
         try:
             checkpoint.resolve(config.resume, Path(config.output_dir))
@@ -319,6 +319,7 @@ def setup(config: TrainConfig) -> Run:
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
+        log_with=logs.accelerate_trackers(config),
         cpu=_launched_processes() > 1 and not torch.cuda.is_available(),  # torchrun on CPUs: gloo data-parallel
     )
     if accelerator.num_processes != _launched_processes():  # independent copies would write the same files
@@ -417,8 +418,8 @@ def _maybe_cache_latents(config: TrainConfig, dataset: data.ImageCaptionDataset,
 
 
 def _log_step(writer, run: Run, step: int, loss: float, started: float, first_step: int) -> None:
-    """Per-step TensorBoard scalars: loss, learning rate per group, throughput since this run (re)started (all
-    processes), peak memory (this process)."""
+    """Per-step scalars (TensorBoard / wandb): loss, learning rate per group, throughput since this run
+    (re)started (all processes), peak memory (this process)."""
     if writer is None:
         return
     writer.add_scalar("loss", loss, step)
@@ -448,15 +449,7 @@ def _log_epoch(writer, epoch_losses: dict[int, list[float]], epoch: int, step: i
 def _log_hparams(writer, config: TrainConfig, result: TrainResult) -> None:
     """The run's settings (numbers, text, booleans) and final loss in TensorBoard's HPARAMS tab, to compare runs."""
     settings = {k: v for k, v in to_dict(config).items() if isinstance(v, (int, float, str, bool))}
-    writer.add_hparams(settings, {"hparam/final_loss": result.last_loss, "hparam/steps": result.steps}, run_name=".")
-
-
-def _writer(config: TrainConfig):
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(log_dir=str(config.effective_logging_dir))
-    writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in to_dict(config).items()))
-    return writer
+    writer.add_hparams(settings, {"hparam/final_loss": result.last_loss, "hparam/steps": result.steps})
 
 
 def _embedding_metadata(run: Run, steps: int) -> dict[str, str]:
@@ -575,7 +568,7 @@ def _render_samples(run: Run, step: int, writer) -> Path | None:
     if writer is not None:
         import numpy as np
 
-        writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+        writer.add_image("samples", np.asarray(grid), step)
     return path
 
 
@@ -638,8 +631,9 @@ class TrainingInterrupted(Exception):
         super().__init__(f"interrupted after {steps} steps: {where}")
 
 
-def _config_digest(config: TrainConfig) -> str:
-    """What a state must match to be resumed: every setting except where and how often outputs are written."""
+def _config_digest(config: TrainConfig, processes: int = 1) -> str:
+    """What a state must match to be resumed: every setting except where and how often outputs are written, and the
+    number of processes (it sets the global batch)."""
     import hashlib
     import json
 
@@ -650,9 +644,13 @@ def _config_digest(config: TrainConfig) -> str:
         "save_steps",
         "output_dir",
         "logging_dir",
+        "log_with",
+        "log_tracker_name",
         "dataloader_num_workers",
     }
     settings = {k: v for k, v in to_dict(config).items() if k not in ignored and not k.startswith("sample_")}
+    if processes > 1:  # one-process digests stay what they were
+        settings["num_processes"] = processes
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -663,8 +661,10 @@ def _start(run: Run, result: TrainResult) -> checkpoint.Position:
     if not config.resume:
         return checkpoint.Position(0, 0, 0)
     path = checkpoint.resolve(config.resume, Path(config.output_dir))
-    digest = _config_digest(config)
-    position = checkpoint.load_state(path, run.trainables, run.optimizer, run.lr_schedule, digest)
+    digest = _config_digest(config, run.accelerator.num_processes)
+    position = checkpoint.load_state(
+        path, run.trainables, run.optimizer, run.lr_schedule, digest, run.accelerator.scaler
+    )
     result.steps = position.step
     _stop_embedding_if_due(run, position.step)
     logger.info("resumed from %s at step %d", path, position.step)
@@ -676,7 +676,7 @@ def _save_state(run: Run, position: checkpoint.Position) -> Path | None:
         return None
     return checkpoint.save_state(
         Path(run.config.output_dir), position, run.trainables, run.optimizer, run.lr_schedule,
-        _config_digest(run.config), run.config.keep_last_n,
+        _config_digest(run.config, run.accelerator.num_processes), run.config.keep_last_n, run.accelerator.scaler,
     )  # fmt: skip
 
 
@@ -788,7 +788,7 @@ def fit(run: Run) -> TrainResult:
     start = _start(run, result)
     if accelerator.is_main_process:
         tqdm.write(_batch_summary(config, accelerator.num_processes))
-    writer = _writer(config) if accelerator.is_main_process else None
+    writer = logs.RunLog(config, accelerator) if accelerator.is_main_process else None
     progress = tqdm(
         total=total_steps, initial=result.steps, desc="train", unit="step", disable=not accelerator.is_main_process
     )

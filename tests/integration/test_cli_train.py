@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from lora_scripts_example import LORA_SCRIPTS_EXAMPLE
 from sdtune import cli, models
-from sdtune.config import parse_config
+from sdtune.config import ConfigError, parse_config
 from sdtune.train import train
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -255,3 +255,37 @@ def test_sample_prompts_render_before_during_and_after_training(ti_config_dict, 
     events = EventAccumulator(str(Path(config.output_dir) / "logs"), size_guidance={"images": 0})
     events.Reload()
     assert [event.step for event in events.Images("samples")] == [0, 2, 4]
+
+
+def test_log_with_wandb_sends_scalars_samples_and_settings(ti_config_dict, tmp_path, monkeypatch):
+    """Weights & Biases through accelerate's tracker, offline: the scalars go to `accelerator.log`, the sample grids
+    land as wandb media files, and TensorBoard is still written with `all`."""
+    pytest.importorskip("wandb")
+    from accelerate import Accelerator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged: list[tuple[dict, int]] = []
+    original = Accelerator.log
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **k: logged.append((values, step)))
+    config = parse_config(
+        {**ti_config_dict, "max_steps": 2, "sample_prompts": ["a <star>"], "sample_steps": 2, "log_with": "all"}
+    )
+    train(config)
+    monkeypatch.setattr(Accelerator, "log", original)
+    losses = [(values["loss"], step) for values, step in logged if "loss" in values]
+    assert [step for _, step in losses] == [1, 2] and all(value > 0 for value, _ in losses)
+    assert {name for values, _ in logged for name in values} >= {"lr/embedding", "speed/steps_per_second"}
+    runs = list((tmp_path / "out" / "logs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("run-*.wandb"))
+    media = sorted(p.name for p in (runs[0] / "files" / "media" / "images").iterdir())
+    assert len(media) == 2 and all(name.startswith("samples_") for name in media)  # before and after training
+    assert set(_scalars(tmp_path / "out" / "logs")) >= {"loss", "lr/embedding"}  # and TensorBoard too
+    with pytest.raises(ConfigError, match="log_with: 'weights' is not one of 'tensorboard', 'wandb', 'all'"):
+        parse_config({**ti_config_dict, "log_with": "weights"})
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"log_with: wandb needs the wandb package: pip install 'sdtune\[wandb\]'"):
+        train(parse_config({**ti_config_dict, "log_with": "wandb"}))

@@ -48,3 +48,20 @@ def test_retention_latest_and_incomplete_folders(tmp_path):
         checkpoint.resolve(str(tmp_path / "state" / "step-00000009"), tmp_path)
     with pytest.raises(StateError, match="holds no saved state yet"):
         checkpoint.resolve("latest", tmp_path / "elsewhere")
+
+
+def test_the_fp16_gradient_scaler_survives_a_resume(tmp_path):
+    """fp16 training divides by a dynamic loss scale; resuming at the initial 65536 instead of the learnt value
+    would skip steps (inf gradients) until it shrinks again. (The CPU scaler has the same state as CUDA's.)"""
+    trainables, optimizer, schedule = _parts()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    loss = (trainables["unet"][0] ** 2).sum()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()  # a finite step with growth_interval 1: the scale doubles
+    assert scaler.get_scale() == 2048.0
+    path = checkpoint.save_state(tmp_path, Position(1, 0, 1), trainables, optimizer, schedule, "d", scaler=scaler)
+    fresh_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    fresh = _parts()
+    checkpoint.load_state(path, *fresh, "d", scaler=fresh_scaler)
+    assert fresh_scaler.get_scale() == 2048.0 and fresh_scaler.state_dict() == scaler.state_dict()
