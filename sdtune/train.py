@@ -301,21 +301,14 @@ def _launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup(config: TrainConfig) -> Run:
-    """Checks the input (see `preflight`), loads the base, attaches the method's trainable parts, and builds the data
-    loader, optimizer and schedule.
+def _accelerator(config: TrainConfig):
+    """accelerate's Accelerator for this launch: accumulation, autocast, trackers, and data-parallel processes.
 
     Raises:
-        ConfigError: Bad data, tokens, model or LoRA file.
-        models.ModelError: The base model cannot be loaded.
+        ConfigError: The launcher started several processes but accelerate did not join them.
     """
-    examples = preflight(config)
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
 
-    started_at = time.time()
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
@@ -328,6 +321,24 @@ def setup(config: TrainConfig) -> Run:
             f"{accelerator.num_processes}; launch with `accelerate launch --multi_gpu --num_processes N` on GPUs or "
             "`torchrun --nproc_per_node N` on CPUs (docs/training.md, multi-process)."
         )
+    return accelerator
+
+
+def setup(config: TrainConfig) -> Run:
+    """Checks the input (see `preflight`), loads the base, attaches the method's trainable parts, and builds the data
+    loader, optimizer and schedule.
+
+    Raises:
+        ConfigError: Bad data, tokens, model or LoRA file.
+        models.ModelError: The base model cannot be loaded.
+    """
+    examples = preflight(config)
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    started_at = time.time()
+    accelerator = _accelerator(config)
     set_seed(config.seed)
     base = models.load_base_model(config.base_model, config.base_model_config)
     if config.prediction_type:  # forced: noise schedule, samples and the recorded base all follow it
