@@ -317,7 +317,9 @@ def scan_subset(
 ) -> tuple[list[Example], list[str]]:
     """The examples of one subset (each image once) and every problem found; bad images are problems, or are left
     out and listed in `skipped` with `bad_images: skip`."""
-    images = list_images(subset.image_dir) if subset.image_dir.is_dir() else []
+    if not subset.image_dir.is_dir():
+        return [], [f"{subset.setting}: {subset.image_dir} is not a folder (missing or a file); check the path."]
+    images = list_images(subset.image_dir)
     if not images:
         return [], [f"{subset.setting}: {subset.image_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})."]
     errors, images = _image_problems(images, resolution, bad_images, skipped)

@@ -56,6 +56,11 @@ def test_regularization_subsets_need_captions_and_training_subsets(tmp_path):
     raw = {"subsets": [{"image_dir": str(train_dir)}, {"image_dir": str(plain), "is_reg": True}]}
     _, errors = data.scan_dataset(_config(tmp_path, **raw), None)
     assert "regularization images 0.png, 1.png have no caption" in errors[0] and "1_woman" in errors[0]
+    missing = tmp_path / "no-such-folder"
+    _, errors = data.scan_dataset(_config(tmp_path, train_data_dir=str(train_dir), reg_data_dir=str(missing)), None)
+    assert errors == [f"reg_data_dir: {missing} is not a folder (missing or a file); check the path."]
+    with pytest.raises(ConfigError, match="subsets\\[2\\].is_reg: expected true or false, got 'yes'"):
+        _config(tmp_path, subsets=[{"image_dir": str(train_dir)}, {"image_dir": str(plain), "is_reg": "yes"}])
     with pytest.raises(ConfigError, match="every subset has is_reg: true"):
         _config(tmp_path, subsets=[{"image_dir": str(plain), "is_reg": True}])
     # TI: class images name the class, not the placeholder, and that is fine
