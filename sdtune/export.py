@@ -171,6 +171,18 @@ def save_lora_diffusers(folder: Path, unet, text_encoder) -> Path:
     return folder
 
 
+def _objective_metadata(config) -> dict[str, str]:
+    """kohya's `ss_*` keys for the objective and precision settings ("None" where kohya writes it for unset)."""
+    return {
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_noise_offset": str(config.noise_offset) if config.noise_offset else "None",
+        "ss_min_snr_gamma": str(config.min_snr_gamma) if config.min_snr_gamma else "None",
+        "ss_prior_loss_weight": str(config.effective_prior_loss_weight),
+        "ss_v_parameterization": str(config.prediction_type == "v_prediction"),
+        "ss_clip_skip": str(config.clip_skip) if config.clip_skip > 1 else "None",
+    }
+
+
 def kohya_lora_metadata(config, family: str, base_name: str, base_sha256: str, run: dict) -> dict[str, str]:
     """The `ss_*` keys kohya sd-scripts writes and A1111 reads or shows, all as strings.
 
@@ -215,12 +227,6 @@ def kohya_lora_metadata(config, family: str, base_name: str, base_sha256: str, r
         "ss_max_train_steps": str(run["max_steps"]),
         "ss_resolution": f"({config.resolution}, {config.resolution})",
         "ss_seed": str(config.seed),
-        "ss_mixed_precision": config.mixed_precision,
-        "ss_noise_offset": str(config.noise_offset) if config.noise_offset else "None",
-        "ss_min_snr_gamma": str(config.min_snr_gamma) if config.min_snr_gamma else "None",
-        "ss_prior_loss_weight": str(config.effective_prior_loss_weight),
-        "ss_v_parameterization": str(config.prediction_type == "v_prediction"),
-        "ss_clip_skip": str(config.clip_skip) if config.clip_skip > 1 else "None",
         "ss_dataset_dirs": json.dumps(run["dataset"]["dataset_dirs"]),
         "ss_tag_frequency": json.dumps(run["dataset"]["tag_frequency"]),
         "ss_reg_dataset_dirs": json.dumps(run["dataset"].get("reg_dataset_dirs", {})),
@@ -229,6 +235,7 @@ def kohya_lora_metadata(config, family: str, base_name: str, base_sha256: str, r
         "ss_training_started_at": str(run["started_at"]),
         "ss_training_comment": "trained with sdtune",
     }
+    metadata.update(_objective_metadata(config))
     if "finished_at" in run:
         metadata["ss_training_finished_at"] = str(run["finished_at"])
     if config.enable_bucket:

@@ -47,3 +47,15 @@ def ti_config_dict(tiny_base, tmp_path) -> dict:
         "output_dir": str(tmp_path / "out"),
         "seed": 7,
     }
+
+
+@pytest.fixture
+def ti_lora_process_dict(tiny_base) -> dict:
+    """A TI+LoRA run for tests that start `sdtune train` as a process: the sample star images, random crops and
+    flips, the text encoder trained too, float32 outputs (as YAML values; tests add steps and batch)."""
+    return {
+        "method": "ti+lora", "base_model": str(tiny_base["checkpoint"]), "placeholder_token": "<star>",
+        "init_word": "star", "train_data_dir": str(SAMPLE_DATA), "resolution": 32, "center_crop": False,
+        "random_flip": True, "lora_rank": 2, "learning_rate": 1e-2, "save_precision": "fp32", "seed": 5,
+        "train_text_encoder": True,
+    }  # fmt: skip

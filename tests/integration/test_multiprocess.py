@@ -15,16 +15,11 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture
-def config_file(tiny_base, tmp_path) -> Path:
+def config_file(ti_lora_process_dict, tmp_path) -> Path:
     config = {
-        "method": "ti+lora", "base_model": str(tiny_base["checkpoint"]), "placeholder_token": "<star>",
-        "init_word": "star", "train_data_dir": str(REPO_ROOT / "sample_data" / "star"), "resolution": 32,
-        "max_steps": 6, "save_steps": 3, "center_crop": False, "random_flip": True, "noise_offset": 0.05,
-        "lora_rank": 2, "learning_rate": 1e-2, "save_precision": "fp32", "seed": 5, "train_text_encoder": True,
+        **ti_lora_process_dict, "max_steps": 6, "save_steps": 3, "noise_offset": 0.05,
         "prior_preservation_prompts": ["a photo of a cat", "a red car"],
     }  # fmt: skip
     path = tmp_path / "run.yaml"

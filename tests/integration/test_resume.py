@@ -18,17 +18,12 @@ from safetensors.torch import load_file
 
 from sdtune import checkpoint
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture
-def config_file(tiny_base, tmp_path) -> Path:
+def config_file(ti_lora_process_dict, tmp_path) -> Path:
     config = {
-        "method": "ti+lora", "base_model": str(tiny_base["checkpoint"]), "placeholder_token": "<star>",
-        "init_word": "star", "train_data_dir": str(REPO_ROOT / "sample_data" / "star"), "resolution": 32,
-        "batch_size": 3, "max_steps": 40, "save_steps": 5, "center_crop": False, "random_flip": True,
-        "lora_rank": 2, "learning_rate": 1e-2, "save_precision": "fp32", "seed": 5, "keep_last_n": 2,
-        "train_text_encoder": True, "embedding_train_fraction": 0.5,
+        **ti_lora_process_dict, "batch_size": 3, "max_steps": 40, "save_steps": 5, "keep_last_n": 2,
+        "embedding_train_fraction": 0.5,
     }  # fmt: skip
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
