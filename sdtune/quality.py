@@ -133,6 +133,17 @@ def measure(pipe, concept: Concept, seed: int = 0, prior: bool = True) -> tuple[
     return scores, images
 
 
+def editability_by_background(images: list[Image.Image], concept: Concept) -> dict[str, float]:
+    """Fraction fully right per unseen background, from `measure`'s images (training backgrounds first)."""
+    start = SEEDS_PER_BACKGROUND * len(TRAIN_BACKGROUNDS[concept.name])
+    result = {}
+    for background in unseen_backgrounds(concept):
+        scenes = [world.Scene(concept.shape, concept.color, background)] * SEEDS_PER_BACKGROUND
+        result[background] = world.score(images[start : start + SEEDS_PER_BACKGROUND], scenes)["all"]
+        start += SEEDS_PER_BACKGROUND
+    return result
+
+
 def prior_score(pipe, seed: int = 0) -> float:
     """Fraction of the `prior_scenes` base prompts drawn fully right (the same prompts and seeds for every concept)."""
     return evaluate(pipe, prior_scenes(), seed=seed + 5000)["all"]

@@ -7,7 +7,11 @@ then the outputs are loaded with diffusers' own loaders and scored with the worl
 - fidelity: `a <concept> on a <background> background` on the training backgrounds,
 - editability: the same prompt on backgrounds no training image shows,
 - prior: base prompts (held-in and unseen combinations) that the personalization must not break.
-Writes `<out>/quality.json`, `<out>/quality.md` (the table) and one grid per method and concept.
+Writes `<out>/quality.json`, `<out>/quality.md` (the table) and one grid per method and concept; each row also holds
+editability per unseen background. Comparing settings (a single run's editability moves by +-0.25 between seeds):
+
+    python tools/quality_bench.py --methods lora --concepts red_star --seeds 42,7,123 --per-background 8 \
+        --no-baseline [--config my_variant.yaml] [--set KEY=VALUE ...] --out /tmp/q
 """
 
 from __future__ import annotations
@@ -25,14 +29,21 @@ from sdtune import quality
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("ti", "lora", "ti+lora")
+MEAN_KEYS = ("fidelity", "editability", "prior", "cpu_seconds")
 
 
-def _config_path(method: str) -> Path:
-    return REPO_ROOT / "configs" / f"world_{method.replace('+', '_')}.yaml"
+def _config_path(method: str, override: Path | None = None) -> Path:
+    return override or REPO_ROOT / "configs" / f"world_{method.replace('+', '_')}.yaml"
 
 
 def train_method(
-    method: str, concept: quality.Concept, out: Path, base: Path, max_steps: int | None, extra: list[str] = ()
+    method: str,
+    concept: quality.Concept,
+    out: Path,
+    base: Path,
+    max_steps: int | None,
+    extra: list[str] = (),
+    config: Path | None = None,
 ) -> dict:
     """Runs `sdtune train` for one method and concept (plus `extra` key=value overrides); returns CPU and wall
     seconds."""
@@ -41,7 +52,7 @@ def train_method(
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "sdtune", "train", str(_config_path(method)), *overrides]
+    command = [sys.executable, "-m", "sdtune", "train", str(_config_path(method, config)), *overrides]
     completed = subprocess.run(command, env=env, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"sdtune train failed for {method} on {concept.name}:\n{completed.stderr[-3000:]}")
@@ -60,45 +71,64 @@ def _file_stats(folder: Path | None) -> dict:
     return {"trainable_parameters": parameters, "file_bytes": sum(p.stat().st_size for p in files)}
 
 
-def run_one(method: str | None, concept: quality.Concept, args) -> dict:
-    """Trains (unless `method` is None: the untrained baseline), measures and writes the grid of one row."""
+def run_one(method: str | None, concept: quality.Concept, args, seed: int | None = None) -> dict:
+    """Trains (unless `method` is None: the untrained baseline) with `seed` (None: the config's), measures and
+    writes the grid of one row."""
     folder, timing = None, {"cpu_seconds": 0.0, "wall_seconds": 0.0}
+    settings = list(args.set) + ([f"seed={seed}"] if seed is not None else [])
+    suffix = "" if seed is None else f"-s{seed}"
     if method is not None:
-        folder = args.work / f"{concept.name}-{method.replace('+', '_')}"
-        timing = train_method(method, concept, folder, args.base, args.max_steps, args.set)
+        folder = args.work / f"{concept.name}-{method.replace('+', '_')}{suffix}"
+        timing = train_method(method, concept, folder, args.base, args.max_steps, settings, args.config)
     scores, images = quality.measure(quality.load_pipeline(args.base, folder, concept, method), concept)
     label = method or "untrained"
-    quality.save_grid(images, args.out / f"{concept.name}-{label.replace('+', '_')}.png", columns=16)
-    steps = 0 if method is None else args.max_steps or _configured_steps(method)
+    quality.save_grid(images, args.out / f"{concept.name}-{label.replace('+', '_')}{suffix}.png", columns=16)
+    steps = 0 if method is None else args.max_steps or _configured_steps(method, args.config)
     row = {"concept": concept.name, "method": label, "steps": steps, **scores, **timing, **_file_stats(folder)}
-    return {**row, "settings": " ".join(args.set) if method else ""}
+    row["editability_by_background"] = quality.editability_by_background(images, concept)
+    return {**row, "seed": seed, "settings": " ".join(settings) if method else ""}
 
 
-def _configured_steps(method: str | None) -> int:
+def _configured_steps(method: str | None, config: Path | None = None) -> int:
     if method is None:
         return 0
     import yaml
 
-    return int(yaml.safe_load(_config_path(method).read_text(encoding="utf-8"))["max_steps"])
+    return int(yaml.safe_load(_config_path(method, config).read_text(encoding="utf-8"))["max_steps"])
+
+
+def _seed_means(rows: list[dict]) -> list[dict]:
+    """One row per (concept, method) trained with several seeds: the mean of its scores and CPU seconds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if row.get("seed") is not None:
+            groups.setdefault((row["concept"], row["method"]), []).append(row)
+    means = []
+    for group in (g for g in groups.values() if len(g) > 1):
+        mean = {key: sum(r[key] for r in group) / len(group) for key in MEAN_KEYS}
+        means.append({**group[0], **mean, "seed": f"mean of {len(group)}"})
+    return means
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The results as a Markdown table."""
+    """The results as a Markdown table (with a seed column and per-seed means when `--seeds` was given)."""
+    seeded = any(r.get("seed") is not None for r in rows)
     lines = [
-        "| concept | method | steps | fidelity | editability | prior | CPU s | trainable params | file size |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| concept | method | " + ("seed | " if seeded else "") + "steps | fidelity | editability | prior | CPU s | "
+        "trainable params | file size |",
+        "|---|---|" + ("---|" if seeded else "") + "---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in rows + _seed_means(rows):
+        seed = f"{r['seed'] if r.get('seed') is not None else '—'} | " if seeded else ""
         lines.append(
-            f"| {r['concept']} | {r['method']} | {r['steps']} | {r['fidelity']:.2f} | {r['editability']:.2f} | "
+            f"| {r['concept']} | {r['method']} | {seed}{r['steps']} | {r['fidelity']:.2f} | {r['editability']:.2f} | "
             f"{r['prior']:.2f} | {r['cpu_seconds']:.0f} | {r['trainable_parameters']:,} | "
             f"{r['file_bytes'] / 1024:.0f} KiB |"
         )
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    """Runs every (concept, method) pair plus the untrained baseline and writes the results."""
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, default=REPO_ROOT / "sample_data" / "world-sd1")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "quality")
@@ -109,14 +139,32 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run (repeatable)"
     )
+    parser.add_argument("--config", type=Path, help="train with this config instead of the shipped one (one method)")
+    parser.add_argument("--seeds", help="comma-separated seeds: train every method once per seed, report the means")
+    parser.add_argument(
+        "--per-background", type=int, default=quality.SEEDS_PER_BACKGROUND, help="concept images per background"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the untrained rows")
     args = parser.parse_args()
+    if args.config and "," in args.methods:
+        parser.error("--config replaces one method's config: give one method with --methods")
+    return args
+
+
+def main() -> None:
+    """Runs every (concept, method[, seed]) plus the untrained baseline and writes the results."""
+    args = _arguments()
+    quality.SEEDS_PER_BACKGROUND = args.per_background
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for concept in map(quality.concept_by_name, args.concepts.split(",")):
-        for method in ([] if args.no_baseline else [None]) + args.methods.split(","):
-            rows.append(run_one(method, concept, args))
-            print(json.dumps(rows[-1]), flush=True)
+        if not args.no_baseline:
+            rows.append(run_one(None, concept, args))
+        for method in args.methods.split(","):
+            for seed in seeds:
+                rows.append(run_one(method, concept, args, seed))
+                print(json.dumps(rows[-1]), flush=True)
     (args.out / "quality.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     (args.out / "quality.md").write_text(markdown_table(rows), encoding="utf-8")
     print(markdown_table(rows))

@@ -286,6 +286,33 @@ def test_adapters_disabled_computes_the_base_model_and_keeps_trainability(tiny_b
     assert not frozen.requires_grad and all(p.requires_grad for p in params[1:])
 
 
+def test_empty_prior_prompt_distills_the_unconditional_prediction(lora_config_dict, tiny_base):
+    """`""` among the prior prompts makes the target the base model's prediction for exactly the states that
+    classifier-free guidance subtracts in diffusers' pipeline (its negative prompt embeddings)."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdtune.train import _prior_loss
+
+    prompts = ["a red circle on a blue background", ""]
+    config = parse_config({**lora_config_dict, "prior_preservation_prompts": prompts})
+    run = setup(config)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_base["folder"]), safety_checker=None)
+    _, unconditional = pipe.encode_prompt("a red circle", "cpu", 1, True)
+    with torch.no_grad():
+        ours = models.encode_prompts(run.base.tokenizer, run.base.text_encoder, [""], "cpu")
+    torch.testing.assert_close(ours, unconditional)
+    noisy, timesteps = torch.randn(1, 4, 4, 4), torch.tensor([500])
+    with torch.no_grad():
+        for param in run.trainables["unet"]:
+            param.add_(0.05)
+        adapted = run.unet(noisy, timesteps, ours).sample
+        with lora.adapters_disabled(run.base.unet, run.base.text_encoder):
+            base = run.base.unet(noisy, timesteps, unconditional).sample
+    expected = torch.nn.functional.mse_loss(adapted, base)
+    torch.testing.assert_close(_prior_loss(run, noisy, timesteps, [1]), expected)
+    assert expected.item() > 0
+
+
 def test_prior_preservation_pulls_towards_the_base_model(lora_config_dict, tiny_base):
     """At step 0 the LoRA is the identity, so the prior loss is exactly 0; it grows once the LoRA moves, and
     prompts that name the placeholder, or a weight without prompts, are refused."""

@@ -54,3 +54,18 @@ def test_split_is_fixed_and_excludes_concepts():
     assert not set(held_in) & set(unseen)
     assert all(scene.shape in world.PRETRAIN_SHAPES for scene in held_in + unseen)
     assert world.split_scenes() == (held_in, unseen)
+
+
+def test_editability_by_background_reads_each_unseen_background():
+    """The per-background split of `quality.measure`'s images: the concept drawn right on purple and black but on
+    yellow where orange was asked for scores 1, 1, 0 (the failure docs/quality.md reports)."""
+    from sdtune import quality
+
+    concept = quality.concept_by_name("red_star")
+    per = quality.SEEDS_PER_BACKGROUND
+    training = [world.render(world.Scene("star", "red", b)) for b in quality.TRAIN_BACKGROUNDS["red_star"]]
+    drawn = {"purple": "purple", "orange": "yellow", "black": "black"}
+    unseen = [world.render(world.Scene("star", "red", drawn[b])) for b in quality.unseen_backgrounds(concept)]
+    images = [im for im in training for _ in range(per)] + [im for im in unseen for _ in range(per)]
+    assert quality.unseen_backgrounds(concept) == ("purple", "orange", "black")
+    assert quality.editability_by_background(images, concept) == {"purple": 1.0, "orange": 0.0, "black": 1.0}
