@@ -189,13 +189,17 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
     return Reading(names[best], color, _NAMES[background_index], float(ious[best]))
 
 
-def score(images: list, scenes: list[Scene]) -> dict[str, float]:
-    """Fractions of images whose shape, colour, background, and all three, match their scenes."""
+def score(images: list, scenes: list[Scene], min_shape_iou: float = 0.0) -> dict[str, float]:
+    """Fractions of images whose shape, colour, background, and all three, match their scenes. With
+    `min_shape_iou` a shape counts only if its template IoU reaches it (0: the best template always counts, so a
+    scribble can read as the shape it overlaps most)."""
     if len(images) != len(scenes):
         raise ValueError(f"{len(images)} images for {len(scenes)} scenes")
     totals = {"shape": 0, "color": 0, "background": 0, "all": 0}
     for image, scene in zip(images, scenes, strict=True):
-        matches = read_image(image).matches(scene)
+        reading = read_image(image)
+        matches = reading.matches(scene)
+        matches["shape"] = matches["shape"] and reading.shape_iou >= min_shape_iou
         for key, ok in matches.items():
             totals[key] += ok
         totals["all"] += all(matches.values())

@@ -144,6 +144,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--per-background", type=int, default=quality.SEEDS_PER_BACKGROUND, help="concept images per background"
     )
+    parser.add_argument(
+        "--min-shape-iou", type=float, default=0.0, help="shapes count from this template IoU (0.4: no scribbles)"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the untrained rows")
     args = parser.parse_args()
     if args.config and "," in args.methods:
@@ -155,6 +158,7 @@ def main() -> None:
     """Runs every (concept, method[, seed]) plus the untrained baseline and writes the results."""
     args = _arguments()
     quality.SEEDS_PER_BACKGROUND = args.per_background
+    quality.MIN_SHAPE_IOU = args.min_shape_iou
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []

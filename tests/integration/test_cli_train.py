@@ -154,7 +154,7 @@ def test_readme_quickstart_command_runs_as_written(tmp_path):
     completed = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
     output = tmp_path / "output" / "red_star"
-    assert (output / "red_star.safetensors").is_file()
+    assert (output / "star.safetensors").is_file() and (output / "star_lora.safetensors").is_file()  # TI + LoRA
     samples = sorted(p.name for p in (output / "samples").iterdir())
     assert samples == ["progress.png", "step00000000.png", "step00000040.png"]
     from PIL import Image

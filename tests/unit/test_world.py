@@ -69,3 +69,20 @@ def test_editability_by_background_reads_each_unseen_background():
     images = [im for im in training for _ in range(per)] + [im for im in unseen for _ in range(per)]
     assert quality.unseen_backgrounds(concept) == ("purple", "orange", "black")
     assert quality.editability_by_background(images, concept) == {"purple": 1.0, "orange": 0.0, "black": 1.0}
+
+
+def test_min_shape_iou_rejects_a_scribble_that_best_matches_a_shape():
+    """By default the best template counts however poor its overlap; `min_shape_iou` rejects such readings while
+    clean renders (IoU ~0.8-1.0) still count."""
+    image = np.array(world.render(world.Scene("star", "red", "blue")))
+    background = np.array(world.COLORS["blue"], dtype=np.uint8)
+    image[:, :18] = background  # keep a corner of the star: a fragment that still overlaps the star best
+    image[14:, :] = background
+    reading = world.read_image(image)
+    assert reading.shape is not None and reading.shape_iou < 0.4
+    scene = world.Scene(reading.shape, "red", "blue")
+    assert world.score([image], [scene])["all"] == 1.0
+    assert world.score([image], [scene], min_shape_iou=0.4)["all"] == 0.0
+    clean = [world.render(world.Scene(shape, "red", "blue")) for shape in world.PRETRAIN_SHAPES]
+    scenes = [world.Scene(shape, "red", "blue") for shape in world.PRETRAIN_SHAPES]
+    assert world.score(clean, scenes, min_shape_iou=0.4)["all"] == 1.0
