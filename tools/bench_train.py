@@ -24,6 +24,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from sdtune.models import PRESETS, write_base_model
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {  # name -> config keys on top of the common LoRA config; the first is the baseline of the ratios
     # LoRA trains the UNet and the text encoder unless `train_text_encoder: false` (kohya's default)
@@ -104,7 +106,16 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated setting numbers (1-based) to run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from sdtune.models import write_base_model
+    chosen = list(SETTINGS.items())
+    if args.only:
+        numbers = args.only.split(",")
+        if not all(n.isdigit() and 1 <= int(n) <= len(chosen) for n in numbers):
+            parser.error(f"--only: {args.only!r} must be setting numbers from 1 to {len(chosen)}, e.g. 1,4")
+        chosen = [chosen[int(n) - 1] for n in numbers]
+    if not 1 <= args.warmup < args.steps:
+        parser.error(f"--warmup {args.warmup} must be at least 1 and below --steps ({args.steps})")
+    if args.preset not in PRESETS:
+        parser.error(f"--preset: {args.preset!r} is not one of {', '.join(PRESETS)}")
 
     work = Path(tempfile.mkdtemp(prefix="sdtune-bench-train-"))
     base = args.base or work / "base"
@@ -116,9 +127,6 @@ def main() -> None:
         "resolution": args.resolution, "lora_rank": 16, "lora_targets": "kohya", "learning_rate": 1e-4,
         "max_steps": args.steps, "save_precision": "fp16", "seed": 0,
     }  # fmt: skip
-    chosen = list(SETTINGS.items())
-    if args.only:
-        chosen = [chosen[int(i) - 1] for i in args.only.split(",")]
     results = []
     for name, extra in chosen:
         results.append(run_setting(name, extra, common, work, args.warmup))

@@ -128,7 +128,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _arguments() -> argparse.Namespace:
+def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, default=REPO_ROOT / "sample_data" / "world-sd1")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "quality")
@@ -148,10 +148,34 @@ def _arguments() -> argparse.Namespace:
         "--min-shape-iou", type=float, default=0.0, help="shapes count from this template IoU (0.4: no scribbles)"
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the untrained rows")
-    args = parser.parse_args()
-    if args.config and "," in args.methods:
-        parser.error("--config replaces one method's config: give one method with --methods")
+    args = parser.parse_args(argv)
+    problems = _argument_problems(args)
+    if problems:
+        parser.error("; ".join(problems))  # exits with every problem before anything trains
     return args
+
+
+def _argument_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the command line, each with the value and the fix."""
+    problems = []
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        problems.append(f"--methods: {', '.join(unknown)} unknown; choose from {', '.join(METHODS)}")
+    names = [c.name for c in quality.CONCEPTS]
+    unknown = [c for c in args.concepts.split(",") if c not in names]
+    if unknown:
+        problems.append(f"--concepts: {', '.join(unknown)} unknown; choose from {', '.join(names)}")
+    if args.seeds and not all(s.strip().lstrip("-").isdigit() for s in args.seeds.split(",")):
+        problems.append(f"--seeds: {args.seeds!r} is not a comma-separated list of integers (e.g. 42,7,123)")
+    if args.per_background < 1:
+        problems.append(f"--per-background: {args.per_background} must be at least 1")
+    if not 0.0 <= args.min_shape_iou <= 1.0:
+        problems.append(f"--min-shape-iou: {args.min_shape_iou} is not an IoU between 0 and 1 (e.g. 0.4)")
+    if args.config and "," in args.methods:
+        problems.append("--config replaces one method's config: give one method with --methods")
+    if args.config and not args.config.is_file():
+        problems.append(f"--config: {args.config} is not a file; check the path")
+    return problems
 
 
 def main() -> None:
@@ -165,6 +189,7 @@ def main() -> None:
     for concept in map(quality.concept_by_name, args.concepts.split(",")):
         if not args.no_baseline:
             rows.append(run_one(None, concept, args))
+            print(json.dumps(rows[-1]), flush=True)
         for method in args.methods.split(","):
             for seed in seeds:
                 rows.append(run_one(method, concept, args, seed))

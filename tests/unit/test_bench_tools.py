@@ -1,0 +1,71 @@
+"""The benchmark scripts' own logic: argument checks, seed means, the step-time arithmetic."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_bench_refuses_bad_arguments_before_training(capsys, tmp_path):
+    bench = _tool("quality_bench")
+    argv = ["--methods", "lora,loha", "--seeds", "42,x", "--per-background", "0"]
+    argv += ["--config", str(tmp_path / "no.yaml")]
+    with pytest.raises(SystemExit) as exited:
+        bench._arguments(argv)
+    assert exited.value.code == 2
+    message = capsys.readouterr().err
+    assert "--methods: loha unknown; choose from ti, lora, ti+lora" in message
+    assert "--seeds: '42,x' is not a comma-separated list of integers" in message
+    assert "--per-background: 0 must be at least 1" in message
+    assert "--config replaces one method's config" in message and "no.yaml is not a file" in message
+    args = bench._arguments(["--methods", "ti+lora", "--seeds", "42,7", "--min-shape-iou", "0.4"])
+    assert (args.methods, args.seeds, args.min_shape_iou) == ("ti+lora", "42,7", 0.4)
+
+
+def test_quality_bench_table_adds_a_mean_row_per_seeded_method():
+    bench = _tool("quality_bench")
+    common = {"concept": "red_star", "steps": 1500, "trainable_parameters": 43040, "file_bytes": 113200}
+    rows = [
+        {**common, "method": "untrained", "seed": None, "fidelity": 0.0, "editability": 0.0, "prior": 1.0,
+         "cpu_seconds": 0.0},
+        {**common, "method": "ti+lora", "seed": 42, "fidelity": 1.0, "editability": 0.5, "prior": 0.9,
+         "cpu_seconds": 600.0},
+        {**common, "method": "ti+lora", "seed": 7, "fidelity": 0.8, "editability": 1.0, "prior": 1.0,
+         "cpu_seconds": 700.0},
+    ]  # fmt: skip
+    table = bench.markdown_table(rows).splitlines()
+    assert table[0].startswith("| concept | method | seed | steps |")
+    assert table[2].startswith("| red_star | untrained | — | 1500 | 0.00 | 0.00 | 1.00 | 0 |")
+    assert table[-1] == "| red_star | ti+lora | mean of 2 | 1500 | 0.90 | 0.75 | 0.95 | 650 | 43,040 | 111 KiB |"
+    assert len(table) == 2 + 3 + 1
+    unseeded = bench.markdown_table([{**rows[1], "seed": None}]).splitlines()
+    assert unseeded[0].startswith("| concept | method | steps |") and len(unseeded) == 3
+
+
+def test_bench_train_reads_the_steady_step_time_from_the_trainers_scalars(tmp_path, monkeypatch):
+    from torch.utils.tensorboard import SummaryWriter
+
+    monkeypatch.setattr(sys, "argv", ["bench_train.py"])
+    bench = _tool("bench_train")
+    # the trainer logs steps done / seconds since the loop started: 2 s for step 1, then 0.5 s per step
+    writer = SummaryWriter(str(tmp_path))
+    for step in range(1, 11):
+        elapsed = 2.0 + 0.5 * (step - 1)
+        writer.add_scalar("speed/steps_per_second", step / elapsed, step)
+        writer.add_scalar("memory/peak_cuda_allocated_mib", 100.0 * step, step)
+    writer.close()
+    per_step, peak = bench.step_seconds(tmp_path, warmup=3)
+    assert per_step == pytest.approx(0.5, rel=1e-5)
+    assert peak == 1000.0
