@@ -1,11 +1,11 @@
 """sdtune: Stable Diffusion personalization (Textual Inversion, LoRA) with files that load in every client."""
 
-__version__ = "0.1.0"
-
-from sdtune.compat import IncompatibleArtifactError  # noqa: E402
-from sdtune.config import ConfigError, TrainConfig, load_config, parse_config  # noqa: E402
-from sdtune.inference import AdapterPipeline  # noqa: E402
-from sdtune.models import BaseModel, ModelError, detect_family, load_base_model, write_base_model  # noqa: E402
+from sdtune._version import __version__
+from sdtune.compat import IncompatibleArtifactError
+from sdtune.config import ConfigError, TrainConfig, load_config, parse_config
+from sdtune.errors import SdtuneError
+from sdtune.inference import AdapterPipeline
+from sdtune.models import BaseModel, ModelError, detect_family, load_base_model, write_base_model
 
 __all__ = [
     "AdapterPipeline",
@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "IncompatibleArtifactError",
     "ModelError",
+    "SdtuneError",
     "TrainConfig",
     "__version__",
     "detect_family",

@@ -5,65 +5,59 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from sdtune import __version__
-from sdtune.checkpoint import StateError
-from sdtune.compat import IncompatibleArtifactError
+import torch
+
+from sdtune import compat, data, formats, inference, jobs, labeling, preflight, prompts
+from sdtune._version import __version__
 from sdtune.config import ConfigError, load_config
-from sdtune.formats import FormatError
-from sdtune.jobs import JobError
-from sdtune.labeling import LabelError
-from sdtune.models import PRESETS, ModelError
-from sdtune.prompts import PromptError
+from sdtune.errors import SdtuneError
+from sdtune.models import PRESETS, load_base_model, write_base_model
 
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
-def _quiet_libraries() -> None:
-    """Hides the per-component loading bars of diffusers/transformers; sdtune shows its own progress."""
-    from diffusers.utils import logging as diffusers_logging
+def _quiet_libraries(diffusers: bool = True) -> None:
+    """Hides the per-component loading bars of transformers (and diffusers); sdtune shows its own progress.
+    `diffusers=False` on commands that never load it (it takes a second to import)."""
     from transformers.utils import logging as transformers_logging
 
-    diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
-    diffusers_logging.set_verbosity_error()  # e.g. "No LoRA keys associated to CLIPTextModel" for UNet-only files
+    if diffusers:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+        diffusers_logging.set_verbosity_error()  # e.g. "No LoRA keys associated to CLIPTextModel" for UNet-only files
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`sdtune train CONFIG [key=value ...]`."""
-    from sdtune.train import TrainingInterrupted, TrainingStopped, train
+    from sdtune.train import train  # accelerate, diffusers and peft: only training needs them all
 
     config = load_config(args.config, args.overrides)
     _quiet_libraries()
-    try:
-        result = train(config)
-    except TrainingInterrupted as stopped:
-        print(f"sdtune train: {stopped}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except TrainingStopped as stopped:
-        print(f"sdtune train: {stopped}", file=sys.stderr)
-        return 1
+    result = train(config)
     if not result.main_process:
         return 0
     print(f"trained {result.steps} steps, last loss {result.last_loss:.4f}")
     for path in result.saved_paths:
         print(f"wrote {path}")
+    if result.samples_command:
+        print(f"the last sample grid's images, drawn again from the saved files: {result.samples_command}")
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """`sdtune validate CONFIG [key=value ...]`: every check `train` makes before loading weights."""
-    from sdtune.train import preflight, steps_plan
-
     config = load_config(args.config, args.overrides)
-    _quiet_libraries()
-    examples = preflight(config)
+    _quiet_libraries(diffusers=False)
+    examples = preflight.preflight(config)
     captioned = len({example.image_path for example in examples if example.caption is not None})
     images = len({example.image_path for example in examples})
     repeats = "" if images == len(examples) else f" ({len(examples)} samples per epoch with repeats)"
-    per_epoch, total, epochs = steps_plan(config, len(examples), _bucket_batches(config, examples))
+    per_epoch, total, epochs = preflight.dataset_steps(config, examples)
     print(f"{args.config}: OK")
     print(f"  method {config.method}, base model {config.base_model}")
     print(f"  {images} images, {captioned} with captions" + ("" if captioned else " (prompt templates)") + repeats)
@@ -72,15 +66,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"{config.batch_size * config.gradient_accumulation_steps} per optimizer step"
     )
     print(f"  {per_epoch} optimizer steps per epoch, {total} steps in {epochs} epoch(s)")
-    print(f"  output: {config.output_dir}/{config.effective_output_name}.safetensors")
+    print(f"  output: {config.output_dir}/{config.output_name}.safetensors")
     return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
     """`sdtune data CONFIG [key=value ...]`: what training would read, per subset, and the step arithmetic."""
-    from sdtune import data
-    from sdtune.train import steps_plan
-
     config = load_config(args.config, args.overrides)
     placeholder = config.placeholder_token if config.uses_ti else None
     skipped: list[str] = []
@@ -92,7 +83,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     if examples:
         if config.enable_bucket:
             print("\n".join(data.describe_buckets(data.bucket_plan(examples, config))))
-        per_epoch, total, epochs = steps_plan(config, len(examples), _bucket_batches(config, examples))
+        per_epoch, total, epochs = preflight.dataset_steps(config, examples)
         print(
             f"total: {len(examples)} samples per epoch; {config.batch_size} per batch x "
             f"{config.gradient_accumulation_steps} accumulation -> {per_epoch} optimizer steps per epoch; "
@@ -105,10 +96,6 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_label(args: argparse.Namespace) -> int:
     """`sdtune label DIR [--backend template|openclip|blip] ...`: write or update DIR/metadata.csv."""
-    from pathlib import Path
-
-    from sdtune import labeling
-
     result = labeling.label_folder(
         Path(args.folder),
         _captioner(args),
@@ -126,11 +113,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def _captioner(args: argparse.Namespace):
-    from pathlib import Path
-
-    from sdtune import labeling
-
+def _captioner(args: argparse.Namespace) -> labeling.Captioner:
     if args.backend == "template":
         return labeling.TemplateCaptioner(args.template, args.trigger or "")
     if not args.model:
@@ -138,7 +121,7 @@ def _captioner(args: argparse.Namespace):
     if args.backend == "blip":
         return labeling.BlipCaptioner(args.model, device=args.device)
     if args.model_config:
-        import open_clip
+        import open_clip  # seconds to import: only for the openclip backend
 
         open_clip.add_model_config(args.model_config)
     tags = labeling.DEFAULT_TAGS
@@ -147,23 +130,10 @@ def _captioner(args: argparse.Namespace):
     return labeling.OpenClipTagger(args.model, args.pretrained, tags, args.top_k, args.threshold, args.device)
 
 
-def _bucket_batches(config, examples) -> int | None:
-    """Batches per epoch with `enable_bucket` (each bucket ends in its own partial batch); None without buckets."""
-    from sdtune import data
-
-    if not config.enable_bucket:
-        return None
-    plan = data.bucket_plan(examples, config)
-    return len(data.BucketBatches(plan["assigned"], config.batch_size, config.seed))
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     """`sdtune inspect FILE [--base MODEL]`: what a LoRA or embedding is, and whether it fits a base model."""
-    from sdtune import artifacts, compat
-    from sdtune.models import load_base_model
-
-    artifact = artifacts.read_artifact(args.file)
-    print(artifacts.to_json(artifact) if args.json else artifacts.describe(artifact))
+    artifact = formats.read_artifact(args.file)
+    print(formats.to_json(artifact) if args.json else formats.describe(artifact))
     if not args.base:
         return 0
     _quiet_libraries()
@@ -179,10 +149,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """`sdtune generate --base MODEL (--prompt P | --prompts-file F | --jobs F) [...]`: batch generation."""
-    from pathlib import Path
-
-    from sdtune import inference, jobs, prompts
-
     defaults = {
         "negative_prompt": args.negative, "n": args.n, "seed": args.seed, "steps": args.steps,
         "guidance": args.guidance, "width": args.width, "height": args.height, "sampler": args.sampler,
@@ -212,10 +178,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_make_base(args: argparse.Namespace) -> int:
     """`sdtune make-base DIR [--checkpoint FILE]`: write a random-weight SD1-family base model offline."""
-    import torch
-
-    from sdtune.models import write_base_model
-
     _quiet_libraries()
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     write_base_model(args.folder, args.checkpoint, preset=args.preset, seed=args.seed, dtype=dtype)
@@ -281,8 +243,6 @@ def _add_label_arguments(sub: argparse.ArgumentParser) -> None:
 
 
 def _add_generate_arguments(sub: argparse.ArgumentParser) -> None:
-    from sdtune.inference import SAMPLERS
-
     sub.add_argument("--base", required=True, help="base model: diffusers folder or single-file checkpoint")
     sub.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); <lora:NAME:W> tags work")
     sub.add_argument("--prompts-file", action="append", default=[], help="text file, one prompt per line")
@@ -295,7 +255,7 @@ def _add_generate_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (CFG) scale")
     sub.add_argument("--width", type=int, help="image width (default: the base model's native size)")
     sub.add_argument("--height", type=int, help="image height (default: the base model's native size)")
-    sub.add_argument("--sampler", choices=list(SAMPLERS), default="dpmpp_2m", help="sampler")
+    sub.add_argument("--sampler", choices=list(inference.SAMPLERS), default="dpmpp_2m", help="sampler")
     sub.add_argument("--clip-skip", type=int, default=1, help="text-encoder layer from the end (A1111: 1 = last)")
     sub.add_argument(
         "--lora", action="append", default=[], help="LoRA for every image: FILE[:W] or FILE[:TE_W:UNET_W]"
@@ -319,15 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.function(args)
-    except (
-        ConfigError,
-        ModelError,
-        FormatError,
-        IncompatibleArtifactError,
-        JobError,
-        PromptError,
-        LabelError,
-        StateError,
-    ) as error:
+    except SdtuneError as error:  # written for the user: the message, no traceback
         print(f"sdtune {args.command}: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return error.exit_code

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sdtune import __version__, formats
-from sdtune.models import FAMILY_NAMES, BaseModel, base_model_sha256, tokenizer_fingerprint
+import torch
 
-RECORD_PREFIX = "sdtune."
+from sdtune import families, formats
+from sdtune._version import __version__
+from sdtune.errors import SdtuneError
+from sdtune.families import Family, TextEncoder
+from sdtune.models import BaseModel, base_model_sha256, tokenizer_fingerprint
 
 
-class IncompatibleArtifactError(Exception):
+class IncompatibleArtifactError(SdtuneError):
     """An artifact that does not fit the base model. Raised before the artifact touched the pipeline."""
+
+
+def _widths(widths) -> str:
+    return ",".join(str(width) for width in widths)
 
 
 def base_record(base: BaseModel) -> dict[str, str]:
@@ -26,23 +33,30 @@ def base_record(base: BaseModel) -> dict[str, str]:
         base: The loaded base model.
 
     Returns:
-        String-valued header entries: family, text-encoder width, tokenizer fingerprint, base name and sha256,
+        String-valued header entries: family, text-encoder width(s), tokenizer fingerprint, base name and sha256,
         prediction type and sdtune version.
     """
     return {
         "sdtune.version": __version__,
-        "sdtune.model_family": base.family,
-        "sdtune.text_encoder_width": str(base.text_width),
-        "sdtune.tokenizer_fingerprint": tokenizer_fingerprint(base.tokenizer),
+        "sdtune.model_family": base.family.name,
+        "sdtune.text_encoder_width": _widths(base.text_widths),
+        "sdtune.tokenizer_fingerprint": tokenizer_fingerprint(*base.tokenizers.values()),
         "sdtune.base_model_name": base.name,
         "sdtune.base_model_sha256": base_model_sha256(base.source),
         "sdtune.prediction_type": base.prediction_type,
     }
 
 
-def read_record(metadata: dict[str, str] | None) -> dict[str, str]:
-    """The `sdtune.*` entries of a safetensors header (empty for files made by other tools)."""
-    return {key: value for key, value in (metadata or {}).items() if key.startswith(RECORD_PREFIX)}
+def embedding_targets(artifact: formats.Artifact, family: Family) -> list[tuple[TextEncoder, torch.Tensor]]:
+    """Which text encoder of the family each of an embedding's tensors goes to: a one-tensor file to a one-encoder
+    family's encoder, a several-tensor file (SDXL's `clip_l` + `clip_g`) by the encoders' embedding keys."""
+    if set(artifact.vectors) == {"text"}:
+        return [(family.text_encoders[0], artifact.vectors["text"])] if len(family.text_encoders) == 1 else []
+    return [
+        (spec, artifact.vectors[spec.embedding_key])
+        for spec in family.text_encoders
+        if spec.embedding_key in artifact.vectors
+    ]
 
 
 @dataclass
@@ -63,29 +77,39 @@ class FitReport:
         return not self.blocking and not self.other_base
 
 
-def check_fit(artifact, base: BaseModel, base_tokenizer_fingerprint: str | None = None) -> FitReport:
-    """Checks a read artifact (`sdtune.artifacts.Artifact`) against a loaded base model.
+def _blocking_problems(artifact: formats.Artifact, base: BaseModel) -> list[str]:
+    """Family, LoRA keys and shapes, embedding widths, and the recorded text widths."""
+    problems = []
+    if artifact.family and artifact.family != base.family.name:
+        problems.append(f"made for {families.title(artifact.family)}, the base is {base.family.title}")
+    if artifact.kind == "lora" and artifact.lora_modules:
+        key_map = formats.module_key_map(base.family, base.adaptable())
+        problems += formats.lora_fit_problems(artifact.lora_modules, key_map)
+    if artifact.kind == "embedding":
+        targets = embedding_targets(artifact, base.family)
+        if not targets and not problems:
+            problems.append(f"holds {', '.join(artifact.vectors)}, which no text encoder of {base.family.title} takes")
+        for spec, vectors in targets:
+            width = base.text_encoders[spec.component].get_input_embeddings().weight.shape[1]
+            if vectors.shape[-1] != width:
+                problems.append(f"embedding width {vectors.shape[-1]}, the base's text encoder takes {width}")
+    recorded = artifact.record.get("sdtune.text_encoder_width")
+    if recorded and recorded != _widths(base.text_widths):
+        problems.append(f"recorded text width {recorded}, base {_widths(base.text_widths)}")
+    return problems
+
+
+def check_fit(artifact: formats.Artifact, base: BaseModel, base_tokenizer_fingerprint: str | None = None) -> FitReport:
+    """Checks a read artifact (`formats.read_artifact`) against a loaded base model.
 
     Checks the family, every LoRA key and shape against the base's modules, embedding widths, and the `sdtune.*`
-    record: text width (blocking), base checkpoint sha256 and tokenizer fingerprint (other base). Pass
-    `base_tokenizer_fingerprint` when embeddings may already have added tokens to the base's tokenizer.
+    record: text widths (blocking), base checkpoint sha256 and tokenizer fingerprint (other base). Pass
+    `base_tokenizer_fingerprint` when embeddings may already have added tokens to the base's tokenizers.
     """
-    report = FitReport()
-    if artifact.family and artifact.family != base.family:
-        made_for = FAMILY_NAMES.get(artifact.family, artifact.family)
-        report.blocking.append(f"made for {made_for}, the base is {FAMILY_NAMES[base.family]}")
-    if artifact.kind == "lora" and artifact.lora_modules:
-        key_map = formats.module_key_map(base.unet, base.text_encoder)
-        report.blocking += formats.lora_fit_problems(artifact.lora_modules, key_map)
-    if artifact.kind == "embedding" and "text" in artifact.vectors:
-        width = artifact.vectors["text"].shape[-1]
-        if width != base.text_width:
-            report.blocking.append(f"embedding width {width}, the base's text encoder takes {base.text_width}")
-    record = artifact.record
-    if record.get("sdtune.text_encoder_width") and int(record["sdtune.text_encoder_width"]) != base.text_width:
-        report.blocking.append(f"recorded text width {record['sdtune.text_encoder_width']}, base {base.text_width}")
+    report = FitReport(blocking=_blocking_problems(artifact, base))
     if report.blocking:
         return report
+    record = artifact.record
     recorded_sha = record.get("sdtune.base_model_sha256")
     if recorded_sha and recorded_sha != base_model_sha256(base.source):
         report.other_base.append(
@@ -93,21 +117,22 @@ def check_fit(artifact, base: BaseModel, base_tokenizer_fingerprint: str | None 
             f"this base is {base.name} (sha256 {base_model_sha256(base.source)[:10]})"
         )
     fingerprint = record.get("sdtune.tokenizer_fingerprint")
-    if fingerprint and fingerprint != (base_tokenizer_fingerprint or tokenizer_fingerprint(base.tokenizer)):
+    current = base_tokenizer_fingerprint or tokenizer_fingerprint(*base.tokenizers.values())
+    if fingerprint and fingerprint != current:
         report.other_base.append("trained with a different tokenizer than the base's (tokenizer fingerprint differs)")
     return report
 
 
 def require_fit(
-    artifact, base: BaseModel, force: bool = False, base_tokenizer_fingerprint: str | None = None
+    artifact: formats.Artifact, base: BaseModel, force: bool = False, base_tokenizer_fingerprint: str | None = None
 ) -> list[str]:
     """The gate: raises unless the artifact fits; returns the warnings that `force` turned from errors.
 
     Args:
-        artifact: A read artifact (`sdtune.artifacts.read_artifact`).
+        artifact: A read artifact (`formats.read_artifact`).
         base: The base model it is about to be loaded into.
         force: Accept an artifact made on another checkpoint (or tokenizer) of the same family.
-        base_tokenizer_fingerprint: The base tokenizer's fingerprint from before any embedding was added.
+        base_tokenizer_fingerprint: The base tokenizers' fingerprint from before any embedding was added.
 
     Raises:
         IncompatibleArtifactError: What does not match, and the ways out.
@@ -118,7 +143,7 @@ def require_fit(
     return report.other_base
 
 
-def incompatibility_message(artifact, base: BaseModel, report: FitReport) -> str:
+def incompatibility_message(artifact: formats.Artifact, base: BaseModel, report: FitReport) -> str:
     """What does not match and the ways out, for people."""
     lines = [f"{artifact.path} does not fit the base model {base.name} ({base.source}):"]
     lines += [f"  - {problem}" for problem in report.blocking + report.other_base]

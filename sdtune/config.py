@@ -20,29 +20,16 @@ from typing import Literal, Optional
 
 import yaml
 
+from sdtune.errors import SdtuneError
+
 METHODS = ("ti", "lora", "ti+lora")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SOURCES = ("auto", "metadata", "files")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
-SUBSET_KEYS = (
-    "image_dir",
-    "num_repeats",
-    "metadata_path",
-    "caption_column",
-    "caption_source",
-    "caption_extension",
-    "class_tokens",
-    "caption_prefix",
-    "caption_suffix",
-    "shuffle_caption",
-    "keep_tokens",
-    "caption_dropout_rate",
-    "is_reg",
-)
 
 
-class ConfigError(Exception):
+class ConfigError(SdtuneError):
     """One or more problems with a configuration, all reported at once."""
 
     def __init__(self, errors: list[str], source: str = "config"):
@@ -51,9 +38,52 @@ class ConfigError(Exception):
         super().__init__(f"{source}: {len(self.errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in self.errors))
 
 
-def _field(default, doc: str, group: str, minimum: float | None = None, exclusive_minimum: bool = False):
-    metadata = {"doc": doc, "group": group, "minimum": minimum, "exclusive_minimum": exclusive_minimum}
-    return field(default=default, metadata=metadata)
+def _field(
+    default, doc: str, group: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None
+):
+    """A config field with its one-line documentation, its section, and its range (`ge`: at least, `gt`: greater
+    than, `le`: at most)."""
+    return field(default=default, metadata={"doc": doc, "group": group, "ge": ge, "gt": gt, "le": le})
+
+
+@dataclass(frozen=True)
+class Subset:
+    """One image folder and how its captions are found and used: an entry of `subsets`, a kohya repeat folder, or
+    `train_data_dir` itself.
+
+    In a config a subset names its `image_dir` and may set any caption setting below. Each of those has a top-level key
+    of the same name whose type, range and documentation apply; an unset one (None) takes the top-level value
+    (`data.resolve_subsets` fills them in). `is_reg: true` marks regularization images. `source` is not a config key:
+    it names the key the folder came from, for messages.
+    """
+
+    image_dir: str
+    num_repeats: Optional[int] = None
+    metadata_path: Optional[str] = None
+    caption_column: Optional[str] = None
+    caption_source: Optional[str] = None
+    caption_extension: Optional[str] = None
+    class_tokens: Optional[str] = None
+    caption_prefix: Optional[str] = None
+    caption_suffix: Optional[str] = None
+    shuffle_caption: Optional[bool] = None
+    keep_tokens: Optional[int] = None
+    caption_dropout_rate: Optional[float] = None
+    is_reg: bool = False  # regularization (class) images: loss weighted by prior_loss_weight
+    source: str = field(default="train_data_dir", metadata={"internal": True})
+
+    @property
+    def folder(self) -> Path:
+        """`image_dir` as a path."""
+        return Path(self.image_dir)
+
+    @property
+    def name(self) -> str:
+        """What `ss_dataset_dirs` and the dry run call the subset: its folder's name."""
+        return self.folder.name
+
+
+SUBSET_KEYS = tuple(f.name for f in dataclasses.fields(Subset) if not f.metadata.get("internal"))
 
 
 @dataclass(frozen=True)
@@ -70,41 +100,39 @@ class TrainConfig:
     init_word: Optional[str] = _field(
         None, "TI: word(s) whose embedding starts the new vectors, e.g. `woman` or `toy robot`.", "method"
     )
-    num_vectors: Optional[int] = _field(
-        None,
-        "TI: vectors per placeholder (default 1); more vectors hold more detail but cost prompt tokens.",
-        "method",
+    num_vectors: int = _field(
         1,
+        "TI: vectors per placeholder; more vectors hold more detail but cost prompt tokens.",
+        "method",
+        ge=1,
     )
     learnable_property: Literal["object", "style"] = _field(
         "object", "TI: prompt templates used when the dataset has no captions: `object` or `style`.", "method"
     )
-    embedding_lr: Optional[float] = _field(
-        None,
-        "ti+lora: learning rate of the embedding vectors (default 5e-4; LoRA uses unet_lr / text_encoder_lr).",
+    embedding_lr: float = _field(
+        5e-4,
+        "ti+lora: learning rate of the embedding vectors (the LoRA uses unet_lr / text_encoder_lr).",
         "method",
-        0,
-        True,
+        gt=0,
     )
-    embedding_train_fraction: Optional[float] = _field(
-        None,
-        "ti+lora: train the embedding for this fraction of the steps, then freeze it (default 1.0).",
+    embedding_train_fraction: float = _field(
+        1.0,
+        "ti+lora: train the embedding for this fraction of the steps, then freeze it.",
         "method",
-        0,
-        True,
+        gt=0,
+        le=1,
     )
     lora_rank: Optional[int] = _field(
         None,
         "LoRA: rank of the update (kohya `network_dim`; default 8, or the rank in `network_weights`).",
         "method",
-        1,
+        ge=1,
     )
     lora_alpha: Optional[float] = _field(
         None,
         "LoRA: alpha; the update is scaled by alpha / rank (kohya `network_alpha`; default = rank).",
         "method",
-        0,
-        True,
+        gt=0,
     )
     lora_targets: Optional[Literal["kohya", "attention", "cross_attention", "cross_attention_kv"]] = _field(
         None,
@@ -114,10 +142,13 @@ class TrainConfig:
         "method",
     )
     conv_rank: Optional[int] = _field(
-        None, "LoRA: also adapt ResNet/down/upsampling 3x3 convs at this rank (LoCon; kohya `conv_dim`).", "method", 1
+        None,
+        "LoRA: also adapt ResNet/down/upsampling 3x3 convs at this rank (LoCon; kohya `conv_dim`).",
+        "method",
+        ge=1,
     )
     conv_alpha: Optional[float] = _field(
-        None, "LoRA: alpha of the LoCon convs (kohya `conv_alpha`; default = conv_rank).", "method", 0, True
+        None, "LoRA: alpha of the LoCon convs (kohya `conv_alpha`; default = conv_rank).", "method", gt=0
     )
     train_unet: Optional[bool] = _field(None, "LoRA: adapt the UNet (default true).", "method")
     train_text_encoder: Optional[bool] = _field(
@@ -132,12 +163,12 @@ class TrainConfig:
         "model's prediction for them towards the base model's (adapters off) on the same noisy latents.",
         "method",
     )
-    prior_loss_weight: Optional[float] = _field(
-        None,
+    prior_loss_weight: float = _field(
+        1.0,
         "Weight of the prior-preservation loss: of prior_preservation_prompts, and of regularization images "
-        "(`reg_data_dir`, subsets with `is_reg`) as in kohya / DreamBooth. Default 1.0; needs one of them.",
+        "(`reg_data_dir`, subsets with `is_reg`) as in kohya / DreamBooth; needs one of them.",
         "method",
-        0,
+        ge=0,
     )
     # --- model
     base_model: Optional[str] = _field(
@@ -163,12 +194,11 @@ class TrainConfig:
         "`mychar woman`). Required unless `subsets` is given.",
         "data",
     )
-    subsets: tuple[dict, ...] = _field(
+    subsets: tuple[Subset, ...] = _field(
         (),
-        "Several image folders, each a mapping with `image_dir` and any of `num_repeats`, `metadata_path`, "
-        "`caption_column`, `caption_source`, `caption_extension`, `class_tokens`, `caption_prefix`, `caption_suffix`, "
-        "`shuffle_caption`, `keep_tokens`, `caption_dropout_rate` (unset ones take the top-level values), and "
-        "`is_reg: true` for regularization images.",
+        "Several image folders, each a mapping with `image_dir` and any of "
+        + ", ".join(f"`{key}`" for key in SUBSET_KEYS if key not in ("image_dir", "is_reg"))
+        + " (unset ones take the top-level values), and `is_reg: true` for regularization images.",
         "data",
     )
     reg_data_dir: Optional[str] = _field(
@@ -184,7 +214,7 @@ class TrainConfig:
         "`error` stops before training; `skip` leaves it out and lists it.",
         "data",
     )
-    num_repeats: int = _field(1, "Times each image is seen per epoch (kohya repeats).", "data", 1)
+    num_repeats: int = _field(1, "Times each image is seen per epoch (kohya repeats).", "data", ge=1)
     caption_source: Literal[CAPTION_SOURCES] = _field(
         "auto",
         "Where captions come from: `metadata` (metadata.csv), `files` (`<image stem><caption_extension>`), or "
@@ -204,24 +234,24 @@ class TrainConfig:
     shuffle_caption: bool = _field(
         False, "Shuffle the comma-separated tags of each caption every time it is used.", "data"
     )
-    keep_tokens: int = _field(0, "With `shuffle_caption`: the first N tags of a caption stay in place.", "data", 0)
+    keep_tokens: int = _field(0, "With `shuffle_caption`: the first N tags of a caption stay in place.", "data", ge=0)
     caption_dropout_rate: float = _field(
-        0.0, "Fraction of samples trained with an empty caption (helps classifier-free guidance).", "data", 0
+        0.0, "Fraction of samples trained with an empty caption (helps classifier-free guidance).", "data", ge=0, le=1
     )
     metadata_path: Optional[str] = _field(
         None, "CSV with `file_name` and caption columns; default `<train_data_dir>/metadata.csv` if present.", "data"
     )
     caption_column: str = _field("text", "Caption column of the metadata CSV.", "data")
-    resolution: int = _field(512, "Training resolution in pixels (square; a multiple of 8).", "data", 8)
+    resolution: int = _field(512, "Training resolution in pixels (square; a multiple of 8).", "data", ge=8)
     enable_bucket: bool = _field(
         False,
         "Aspect-ratio buckets: each image trains at the bucket size (multiples of `bucket_reso_steps`, area <= "
         "resolution^2) closest to its aspect ratio instead of a square crop; batches come from one bucket.",
         "data",
     )
-    min_bucket_reso: int = _field(256, "Buckets: smallest side in pixels.", "data", 8)
-    max_bucket_reso: int = _field(1024, "Buckets: largest side in pixels.", "data", 8)
-    bucket_reso_steps: int = _field(64, "Buckets: sides are multiples of this (a multiple of 8).", "data", 8)
+    min_bucket_reso: int = _field(256, "Buckets: smallest side in pixels.", "data", ge=8)
+    max_bucket_reso: int = _field(1024, "Buckets: largest side in pixels.", "data", ge=8)
+    bucket_reso_steps: int = _field(64, "Buckets: sides are multiples of this (a multiple of 8).", "data", ge=8)
     bucket_no_upscale: bool = _field(
         False,
         "Buckets: never upscale; an image smaller than resolution^2 trains at its own size rounded down to "
@@ -254,18 +284,17 @@ class TrainConfig:
         None,
         "Learning rate; default 5e-3 for `ti`, 1e-4 for `lora`. `2e-4` and other forms are accepted.",
         "optim",
-        0,
-        True,
+        gt=0,
     )
     unet_lr: Optional[float] = _field(
-        None, "LoRA: learning rate of the UNet LoRA (default `learning_rate`).", "optim", 0, True
+        None, "LoRA: learning rate of the UNet LoRA (default `learning_rate`).", "optim", gt=0
     )
     text_encoder_lr: Optional[float] = _field(
-        None, "LoRA: learning rate of the text-encoder LoRA (default `learning_rate`).", "optim", 0, True
+        None, "LoRA: learning rate of the text-encoder LoRA (default `learning_rate`).", "optim", gt=0
     )
     lr_scheduler: Literal[LR_SCHEDULERS] = _field("constant", "Learning-rate schedule after warm-up.", "optim")
-    lr_warmup_steps: int = _field(0, "Optimizer steps of linear warm-up from 0 to `learning_rate`.", "optim", 0)
-    adam_weight_decay: float = _field(1e-2, "AdamW weight decay.", "optim", 0)
+    lr_warmup_steps: int = _field(0, "Optimizer steps of linear warm-up from 0 to `learning_rate`.", "optim", ge=0)
+    adam_weight_decay: float = _field(1e-2, "AdamW weight decay.", "optim", ge=0)
     optimizer_type: Literal[OPTIMIZERS] = _field(
         "adamw",
         "`adamw` (torch), `adamw8bit` (bitsandbytes, when installed: less optimizer memory) or `prodigy` (prodigyopt, "
@@ -276,23 +305,21 @@ class TrainConfig:
         None,
         "Clip the gradient norm of the trainable parameters to this (kohya and diffusers use 1.0).",
         "optim",
-        0,
-        True,
+        gt=0,
     )
     min_snr_gamma: Optional[float] = _field(
         None,
         "Min-SNR loss weighting (Hang et al. 2023): each timestep's loss weighted by min(SNR, gamma) / SNR "
         "(epsilon) or / (SNR + 1) (v-prediction); 5 is the paper's value.",
         "optim",
-        0,
-        True,
+        gt=0,
     )
     clip_skip: int = _field(
         1,
         "Text-encoder layer the UNet reads, counted from the end as kohya and A1111 do: 1 = last, 2 = penultimate "
         "(NovelAI-style anime models). Use what the base model was trained with, and the same when generating.",
         "optim",
-        1,
+        ge=1,
     )
     mixed_precision: Literal[("no", "fp16", "bf16")] = _field(
         "no",
@@ -317,27 +344,27 @@ class TrainConfig:
         "Add this x a per-image, per-channel constant to the noise (kohya `noise_offset`; 0.05-0.1 helps flat, very "
         "dark or bright images). Use what the base model was trained with.",
         "optim",
-        0,
+        ge=0,
     )
     min_timestep: int = _field(
-        0, "Train on noise levels t >= this (kohya `min_timestep`; the schedule has 1000 steps).", "optim", 0
+        0, "Train on noise levels t >= this (kohya `min_timestep`; the schedule has 1000 steps).", "optim", ge=0
     )
     max_timestep: int = _field(
         1000,
         "Train on noise levels t < this (kohya `max_timestep`). Below ~700 the layout and colours of an image are "
         "already fixed, so a LoRA trained only there changes details and leaves composition to the base model.",
         "optim",
-        1,
+        ge=1,
     )
-    batch_size: int = _field(1, "Images per forward pass.", "optim", 1)
+    batch_size: int = _field(1, "Images per forward pass.", "optim", ge=1)
     gradient_accumulation_steps: int = _field(
-        1, "Forward passes per optimizer step; effective batch = batch_size x this.", "optim", 1
+        1, "Forward passes per optimizer step; effective batch = batch_size x this.", "optim", ge=1
     )
-    epochs: int = _field(10, "Passes over the dataset; ignored when `max_steps` is set.", "optim", 1)
-    max_steps: Optional[int] = _field(None, "Optimizer steps to train; overrides `epochs`.", "optim", 1)
+    epochs: int = _field(10, "Passes over the dataset; ignored when `max_steps` is set.", "optim", ge=1)
+    max_steps: Optional[int] = _field(None, "Optimizer steps to train; overrides `epochs`.", "optim", ge=1)
     seed: int = _field(42, "Seed for noise, timesteps, data order and crops; equal seeds give equal runs.", "optim")
     dataloader_num_workers: int = _field(
-        0, "Worker processes loading images (0: in the training process).", "optim", 0
+        0, "Worker processes loading images (0: in the training process).", "optim", ge=0
     )
     # --- output
     output_dir: str = _field("output", "Folder for the trained files and logs.", "output")
@@ -354,7 +381,7 @@ class TrainConfig:
         "output",
     )
     save_steps: Optional[int] = _field(
-        None, "Also save every N optimizer steps (`<name>-step00000100.*`).", "output", 1
+        None, "Also save every N optimizer steps (`<name>-step00000100.*`).", "output", ge=1
     )
     save_state: bool = _field(
         True,
@@ -362,7 +389,7 @@ class TrainConfig:
         "`<output_dir>/state/step-N/` (weights, optimizer, LR schedule, RNG states, position in the data).",
         "output",
     )
-    keep_last_n: Optional[int] = _field(3, "Keep only the newest N training states (null: keep all).", "output", 1)
+    keep_last_n: Optional[int] = _field(3, "Keep only the newest N training states (null: keep all).", "output", ge=1)
     resume: Optional[str] = _field(
         None,
         "Continue from a saved state: `latest` (the newest in output_dir) or a state folder. The result equals an "
@@ -385,10 +412,13 @@ class TrainConfig:
         "output",
     )
     sample_every_n_steps: Optional[int] = _field(
-        None, "Render the sample prompts every N steps too (default: only before, at saves, at the end).", "output", 1
+        None,
+        "Render the sample prompts every N steps too (default: only before, at saves, at the end).",
+        "output",
+        ge=1,
     )
-    sample_steps: int = _field(20, "Sampler steps for the samples (DPM-Solver++).", "output", 1)
-    sample_guidance_scale: float = _field(7.5, "Classifier-free guidance of the samples.", "output", 0)
+    sample_steps: int = _field(20, "Sampler steps for the samples (DPM-Solver++).", "output", ge=1)
+    sample_guidance_scale: float = _field(7.5, "Classifier-free guidance of the samples.", "output", ge=0)
 
     @property
     def uses_ti(self) -> bool:
@@ -398,24 +428,12 @@ class TrainConfig:
     @property
     def uses_reg_images(self) -> bool:
         """True with `reg_data_dir` or a subset marked `is_reg`."""
-        return bool(self.reg_data_dir) or any(subset.get("is_reg") for subset in self.subsets)
+        return bool(self.reg_data_dir) or any(subset.is_reg for subset in self.subsets)
 
     @property
     def uses_lora(self) -> bool:
         """True when the method trains a LoRA."""
         return self.method in ("lora", "ti+lora")
-
-    @property
-    def effective_learning_rate(self) -> float:
-        """`learning_rate`, or the method's default when it is not set."""
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return 5e-3 if self.method == "ti" else 1e-4
-
-    @property
-    def effective_num_vectors(self) -> int:
-        """`num_vectors`, default 1."""
-        return self.num_vectors or 1
 
     @property
     def embedding_name(self) -> str:
@@ -425,30 +443,14 @@ class TrainConfig:
         return re.sub(r"[^\w.-]+", "", self.placeholder_token or "") or "embedding"
 
     @property
-    def effective_output_name(self) -> str:
-        """File stem of the main output: the embedding for `ti`, the LoRA for `lora` / `ti+lora`."""
-        if self.method == "ti":
-            return self.embedding_name
-        if self.output_name:
-            return self.output_name
-        if self.method == "ti+lora":
-            return f"{self.embedding_name}_lora"
-        return Path(self.train_data_dir or "lora").resolve().name or "lora"
-
-    @property
     def effective_lora_rank(self) -> int:
-        """`lora_rank`, default 8."""
+        """`lora_rank`, default 8 (unset with `network_weights`: the file's ranks)."""
         return self.lora_rank or 8
 
     @property
     def effective_lora_alpha(self) -> float:
-        """`lora_alpha`, default = the rank (scale 1)."""
+        """`lora_alpha`, default = the rank (scale 1; unset with `network_weights`: the file's alphas)."""
         return self.lora_alpha if self.lora_alpha is not None else float(self.effective_lora_rank)
-
-    @property
-    def effective_prior_loss_weight(self) -> float:
-        """`prior_loss_weight`, default 1.0."""
-        return 1.0 if self.prior_loss_weight is None else self.prior_loss_weight
 
     @property
     def conv(self) -> tuple[int, float] | None:
@@ -459,20 +461,33 @@ class TrainConfig:
 
     def group_learning_rates(self) -> dict[str, float]:
         """Learning rate per trainable group: `unet`, `text_encoder` (LoRA) and `embedding` (TI)."""
-        rates = {
-            "unet": self.unet_lr or self.effective_learning_rate,
-            "text_encoder": self.text_encoder_lr or self.effective_learning_rate,
-        }
-        if self.method == "ti":
-            rates["embedding"] = self.effective_learning_rate
-        else:
-            rates["embedding"] = self.embedding_lr or 5e-4
-        return rates
+        embedding = self.learning_rate if self.method == "ti" else self.embedding_lr
+        return {"unet": self.unet_lr, "text_encoder": self.text_encoder_lr, "embedding": embedding}
 
-    @property
-    def effective_logging_dir(self) -> Path:
-        """`logging_dir`, default `output_dir/logs`."""
-        return Path(self.logging_dir) if self.logging_dir else Path(self.output_dir) / "logs"
+
+def _default_output_name(config: TrainConfig) -> str:
+    """The main output's file stem when `output_name` is unset: the embedding's for `ti`, `<embedding>_lora` for
+    `ti+lora`, the data folder's name for `lora`."""
+    if config.method == "ti":
+        return config.embedding_name
+    if config.method == "ti+lora":
+        return f"{config.embedding_name}_lora"
+    return Path(config.train_data_dir or "lora").resolve().name or "lora"
+
+
+def _resolve_defaults(config: TrainConfig) -> TrainConfig:
+    """Fills in the defaults that follow from other settings (the method's learning rate, per-part rates, file
+    stem, log folder), so every reader sees one resolved value. Settings of other methods stay unset."""
+    rate = config.learning_rate if config.learning_rate is not None else (5e-3 if config.method == "ti" else 1e-4)
+    resolved = {
+        "learning_rate": rate,
+        "output_name": config.output_name or _default_output_name(config),
+        "logging_dir": config.logging_dir or str(Path(config.output_dir) / "logs"),
+    }
+    if config.uses_lora:
+        resolved["unet_lr"] = config.unet_lr or rate
+        resolved["text_encoder_lr"] = config.text_encoder_lr or rate
+    return dataclasses.replace(config, **resolved)
 
 
 # Keys from kohya sd-scripts and the diffusers example scripts, accepted as they are.
@@ -517,33 +532,37 @@ def _expected_type(annotation) -> tuple[type, tuple | None, bool]:
 
 
 def _coerce_subsets(value):
-    """A list of subset mappings, each key checked like the top-level field of the same name."""
+    """A list of `Subset`s from YAML mappings, each setting checked like the top-level key of the same name
+    (`image_dir` like `train_data_dir`)."""
     if not isinstance(value, (list, tuple)) or not all(isinstance(item, dict) for item in value):
         return None, f"subsets: expected a list of mappings (each with image_dir), got {value!r}."
     subsets, errors = [], []
     for index, item in enumerate(value, start=1):
-        subset = {}
+        settings = {}
         for key, setting in item.items():
-            if key not in SUBSET_KEYS:
-                close = difflib.get_close_matches(str(key), SUBSET_KEYS, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                errors.append(f"subsets[{index}].{key}: unknown key.{hint} Keys: {', '.join(SUBSET_KEYS)}.")
-                continue
-            if key == "is_reg":  # subset-only: no top-level field to borrow the type from
-                if not isinstance(setting, bool):
-                    errors.append(f"subsets[{index}].is_reg: expected true or false, got {setting!r}.")
-                subset[key] = setting
-                continue
-            name = "train_data_dir" if key == "image_dir" else key
-            converted, error = _coerce(name, setting)
-            error = error or _check_range(name, converted)
+            converted, error = _coerce_subset_setting(key, setting)
             if error:
-                errors.append(f"subsets[{index}].{error.replace(name, key, 1)}")
-            subset[key] = converted
-        if not subset.get("image_dir"):
+                errors.append(f"subsets[{index}].{error}")
+            settings[key] = converted
+        if not settings.get("image_dir"):
             errors.append(f"subsets[{index}]: image_dir is required (the folder of this subset's images).")
-        subsets.append(subset)
+        elif not errors:
+            subsets.append(Subset(**settings, source=f"subsets[{index}].image_dir"))
     return (None, "; ".join(errors)) if errors else (tuple(subsets), None)
+
+
+def _coerce_subset_setting(key, value):
+    """(value, None) or (None, error without the `subsets[i].` prefix) for one setting of a subset."""
+    if key not in SUBSET_KEYS:
+        close = difflib.get_close_matches(str(key), SUBSET_KEYS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        return None, f"{key}: unknown key.{hint} Keys: {', '.join(SUBSET_KEYS)}."
+    if key == "is_reg":  # subset-only: no top-level field to borrow the type from
+        return (value, None) if isinstance(value, bool) else (None, f"is_reg: expected true or false, got {value!r}.")
+    name = "train_data_dir" if key == "image_dir" else key
+    converted, error = _coerce(name, value)
+    error = error or _check_range(name, converted)
+    return (None, error.replace(name, key, 1)) if error else (converted, None)
 
 
 def _coerce_list(name: str, value, choices: tuple | None):
@@ -611,12 +630,14 @@ def _as_number(value) -> float | None:
 
 def _check_range(name: str, value) -> str | None:
     spec = FIELDS[name].metadata
-    minimum = spec.get("minimum")
-    if minimum is None or value is None:
+    if value is None:
         return None
-    if value < minimum or (spec.get("exclusive_minimum") and value == minimum):
-        relation = "greater than" if spec.get("exclusive_minimum") else "at least"
-        return f"{name}: must be {relation} {minimum:g}, got {value!r}."
+    if spec["ge"] is not None and value < spec["ge"]:
+        return f"{name}: must be at least {spec['ge']:g}, got {value!r}."
+    if spec["gt"] is not None and value <= spec["gt"]:
+        return f"{name}: must be greater than {spec['gt']:g}, got {value!r}."
+    if spec["le"] is not None and value > spec["le"]:
+        return f"{name}: must be at most {spec['le']:g}, got {value!r}."
     return None
 
 
@@ -678,7 +699,7 @@ def parse_config(raw: dict, source: str = "config") -> TrainConfig:
     errors += _cross_field_errors(config, {name for name, value in values.items() if value is not None})
     if errors:
         raise ConfigError(errors, source)
-    return config
+    return _resolve_defaults(config)
 
 
 _TI_ONLY = {"placeholder_token", "init_word", "num_vectors", "learnable_property"}
@@ -720,7 +741,26 @@ def _method_key_errors(config: TrainConfig, given: set[str]) -> list[str]:
 
 
 def _cross_field_errors(config: TrainConfig, given: set[str]) -> list[str]:
-    errors = _method_key_errors(config, given)
+    """Settings that contradict each other, or that have no effect with the others (`given`: the keys set)."""
+    errors = _method_key_errors(config, given) + _method_errors(config, given) + _data_errors(config)
+    if not config.min_timestep < config.max_timestep <= 1000:
+        errors.append(
+            f"min_timestep, max_timestep: need 0 <= min < max <= 1000 (the training schedule's length), got "
+            f"{config.min_timestep} and {config.max_timestep}."
+        )
+    if config.output_name and re.search(r"[\\/:*?\"<>|]", config.output_name):
+        errors.append(f"output_name: {config.output_name!r} contains characters not allowed in file names.")
+    if not config.sample_prompts:
+        for name in sorted(given & {"sample_every_n_steps", "sample_steps", "sample_guidance_scale"}):
+            errors.append(f"{name}: has no effect without sample_prompts; add prompts or remove it.")
+    if "lr_warmup_steps" in given and config.lr_warmup_steps and config.lr_scheduler == "constant":
+        errors.append("lr_warmup_steps: has no effect with lr_scheduler 'constant'; use 'constant_with_warmup'.")
+    return errors
+
+
+def _method_errors(config: TrainConfig, given: set[str]) -> list[str]:
+    """What TI, LoRA and prior preservation need of each other."""
+    errors = []
     if config.uses_ti:
         for name in ("placeholder_token", "init_word"):
             if not (getattr(config, name) or "").strip():
@@ -731,13 +771,11 @@ def _cross_field_errors(config: TrainConfig, given: set[str]) -> list[str]:
             )
     if config.uses_lora and config.train_unet is False and config.train_text_encoder is False:
         errors.append("train_unet, train_text_encoder: both false leaves no LoRA to train; set one to true.")
-    if config.prior_loss_weight is not None and not (config.prior_preservation_prompts or config.uses_reg_images):
+    if "prior_loss_weight" in given and not (config.prior_preservation_prompts or config.uses_reg_images):
         errors.append(
             "prior_loss_weight: has no effect without prior_preservation_prompts or regularization images "
             "(reg_data_dir, or subsets with is_reg: true); add one or remove it."
         )
-    if config.subsets and all(subset.get("is_reg") for subset in config.subsets):
-        errors.append("subsets: every subset has is_reg: true; add at least one subset of training images.")
     if config.placeholder_token and any(config.placeholder_token in p for p in config.prior_preservation_prompts):
         errors.append(
             f"prior_preservation_prompts: they must describe what stays unchanged, but one contains the placeholder "
@@ -745,38 +783,26 @@ def _cross_field_errors(config: TrainConfig, given: set[str]) -> list[str]:
         )
     if config.conv_alpha is not None and config.conv_rank is None:
         errors.append("conv_alpha: has no effect without conv_rank; set conv_rank to train LoCon convs.")
-    if config.embedding_train_fraction is not None and config.embedding_train_fraction > 1:
-        errors.append(f"embedding_train_fraction: must be at most 1, got {config.embedding_train_fraction}.")
     if config.method == "ti+lora" and config.output_name and config.output_name == config.embedding_name:
         errors.append(
             f"output_name: {config.output_name!r} is also the embedding's file stem (from placeholder_token); "
             "the LoRA and the embedding need different names."
         )
+    return errors
+
+
+def _data_errors(config: TrainConfig) -> list[str]:
+    """Folders, buckets, caches and resolution that do not go together."""
+    errors = []
+    if config.subsets and all(subset.is_reg for subset in config.subsets):
+        errors.append("subsets: every subset has is_reg: true; add at least one subset of training images.")
     if config.subsets and config.train_data_dir:
         errors.append("train_data_dir, subsets: give one; each subset names its own image_dir.")
-    rates = [("caption_dropout_rate", config.caption_dropout_rate)]
-    rates += [
-        (f"subsets[{i}].caption_dropout_rate", s.get("caption_dropout_rate") or 0)
-        for i, s in enumerate(config.subsets, 1)
-    ]
-    errors += [f"{name}: must be at most 1, got {rate}." for name, rate in rates if rate > 1]
-    if not config.min_timestep < config.max_timestep <= 1000:
-        errors.append(
-            f"min_timestep, max_timestep: need 0 <= min < max <= 1000 (the training schedule's length), got "
-            f"{config.min_timestep} and {config.max_timestep}."
-        )
     if config.enable_bucket:
         errors += _bucket_errors(config)
     errors += _cache_errors(config)
     if config.resolution % 8:
         errors.append(f"resolution: must be a multiple of 8 (the VAE downsamples by 8), got {config.resolution}.")
-    if config.output_name and re.search(r"[\\/:*?\"<>|]", config.output_name):
-        errors.append(f"output_name: {config.output_name!r} contains characters not allowed in file names.")
-    if not config.sample_prompts:
-        for name in sorted(given & {"sample_every_n_steps", "sample_steps", "sample_guidance_scale"}):
-            errors.append(f"{name}: has no effect without sample_prompts; add prompts or remove it.")
-    if "lr_warmup_steps" in given and config.lr_warmup_steps and config.lr_scheduler == "constant":
-        errors.append("lr_warmup_steps: has no effect with lr_scheduler 'constant'; use 'constant_with_warmup'.")
     return errors
 
 
@@ -825,9 +851,9 @@ def check_paths(config: TrainConfig) -> list[str]:
             f"base_model_config: {config.base_model_config} is not a diffusers folder (no model_index.json)."
         )
     folders = [("train_data_dir", config.train_data_dir)] if config.train_data_dir else []
-    folders += [(f"subsets[{i}].image_dir", s["image_dir"]) for i, s in enumerate(config.subsets, 1)]
+    folders += [(subset.source, subset.image_dir) for subset in config.subsets]
     errors += [f"{name}: {folder} is not a folder." for name, folder in folders if not Path(folder).is_dir()]
-    metadata = [(f"subsets[{i}].metadata_path", s.get("metadata_path")) for i, s in enumerate(config.subsets, 1)]
+    metadata = [(f"subsets[{i}].metadata_path", s.metadata_path) for i, s in enumerate(config.subsets, 1)]
     errors += [f"{name}: {path} does not exist." for name, path in metadata if path and not Path(path).is_file()]
     if config.network_weights and not Path(config.network_weights).is_file():
         errors.append(f"network_weights: {config.network_weights} does not exist.")

@@ -7,6 +7,9 @@ columns, captions name the placeholder) and returns the examples; `ImageCaptionD
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
+import io
 import logging
 import math
 import re
@@ -16,9 +19,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from sdtune.config import IMAGE_SUFFIXES, SUBSET_KEYS, TrainConfig
+from sdtune import atomic
+from sdtune.config import IMAGE_SUFFIXES, SUBSET_KEYS, Subset, TrainConfig
 
 # Prompt templates used when a TI dataset has no captions (the Textual Inversion paper's setup, Gal et al. 2022).
 OBJECT_TEMPLATES = (
@@ -45,28 +50,6 @@ STYLE_TEMPLATES = (
 )
 _MAX_LISTED = 5
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Subset:
-    """One image folder and how its captions are found and used (a `subsets` entry, a kohya repeat folder, or the
-    top-level `train_data_dir`)."""
-
-    image_dir: Path
-    name: str  # what `ss_dataset_dirs` and the dry run call it: the folder name
-    setting: str = "train_data_dir"  # the config key that names it, for messages
-    num_repeats: int = 1
-    metadata_path: Path | None = None
-    caption_column: str = "text"
-    caption_source: str = "auto"
-    caption_extension: str = ".txt"
-    class_tokens: str | None = None
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    caption_dropout_rate: float = 0.0
-    is_reg: bool = False  # regularization (class) images: loss weighted by prior_loss_weight
 
 
 @dataclass(frozen=True)
@@ -151,16 +134,14 @@ def check_image(path: Path, resolution: int) -> str | None:
 
 
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
+# Subset settings an unset value of takes from the top-level key of the same name (a top-level `metadata_path` names
+# the CSV of `train_data_dir` itself, not of every subset).
 _INHERITED = tuple(key for key in SUBSET_KEYS if key not in ("image_dir", "metadata_path", "is_reg"))
 
 
-def _subset(folder: Path, settings: dict, setting: str = "train_data_dir") -> Subset:
-    metadata = settings.get("metadata_path")
-    values = {key: settings[key] for key in _INHERITED if settings.get(key) is not None}
-    return Subset(
-        folder, folder.name, setting, metadata_path=Path(metadata) if metadata else None,
-        is_reg=bool(settings.get("is_reg")), **values,
-    )  # fmt: skip
+def _inherit(subset: Subset, top: dict) -> Subset:
+    """The subset with every unset setting taken from `top` (the top-level values)."""
+    return dataclasses.replace(subset, **{key: top[key] for key in _INHERITED if getattr(subset, key) is None})
 
 
 def resolve_subsets(config: TrainConfig) -> tuple[list[Subset], list[str]]:
@@ -171,24 +152,21 @@ def resolve_subsets(config: TrainConfig) -> tuple[list[Subset], list[str]]:
     top = {key: getattr(config, key) for key in _INHERITED}
     subsets, errors = [], []
     if config.subsets:
-        subsets = [
-            _subset(Path(item["image_dir"]), {**top, **item}, f"subsets[{index}].image_dir")
-            for index, item in enumerate(config.subsets, start=1)
-        ]
+        subsets = [_inherit(subset, top) for subset in config.subsets]
     else:
         subsets, errors = _folder_subsets(Path(config.train_data_dir), top, "train_data_dir", config.metadata_path)
     if config.reg_data_dir:
-        reg_subsets, reg_errors = _folder_subsets(Path(config.reg_data_dir), {**top, "is_reg": True}, "reg_data_dir")
+        reg_subsets, reg_errors = _folder_subsets(Path(config.reg_data_dir), top, "reg_data_dir", is_reg=True)
         subsets, errors = subsets + reg_subsets, errors + reg_errors
     return subsets, errors
 
 
-def _folder_subsets(root: Path, top: dict, setting: str, metadata_path: str | None = None):
+def _folder_subsets(root: Path, top: dict, setting: str, metadata_path: str | None = None, is_reg: bool = False):
     """(subsets, problems) of one data folder: its kohya repeat folders, or the folder itself."""
     folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     repeat_folders = [p for p in folders if KOHYA_FOLDER.match(p.name)]
     if not repeat_folders:
-        return [_subset(root, {**top, "metadata_path": metadata_path}, setting)], []
+        return [Subset(str(root), metadata_path=metadata_path, is_reg=is_reg, source=setting, **top)], []
     errors = []
     if list_images(root):
         errors.append(
@@ -204,15 +182,21 @@ def _folder_subsets(root: Path, top: dict, setting: str, metadata_path: str | No
     subsets = []
     for folder in repeat_folders:
         repeats, tokens = KOHYA_FOLDER.match(folder.name).groups()
-        subsets.append(_subset(folder, {**top, "num_repeats": int(repeats), "class_tokens": tokens}, setting))
+        settings = {**top, "num_repeats": int(repeats), "class_tokens": tokens}
+        subsets.append(Subset(str(folder), is_reg=is_reg, source=setting, **settings))
     return subsets, errors
+
+
+def _metadata_file(subset: Subset) -> Path:
+    """The subset's captions CSV: `metadata_path`, else `metadata.csv` in its folder (which may not exist)."""
+    return Path(subset.metadata_path) if subset.metadata_path else subset.folder / "metadata.csv"
 
 
 def _uses_metadata(subset: Subset) -> bool:
     """Whether `_subset_captions` reads a metadata CSV for this subset (after a successful scan)."""
     if subset.caption_source != "auto":
         return subset.caption_source == "metadata"
-    return (subset.metadata_path or subset.image_dir / "metadata.csv").is_file()
+    return _metadata_file(subset).is_file()
 
 
 def _caption_files(subset: Subset, images: list[Path]) -> tuple[dict[str, str], list[str]]:
@@ -230,9 +214,9 @@ def _caption_files(subset: Subset, images: list[Path]) -> tuple[dict[str, str], 
 def _wrong_extension_hint(subset: Subset) -> str | None:
     """The kohya pitfall: captions saved as `.caption` (or `.txt`) while the other extension is configured."""
     for extension in (".caption", ".txt", ".tags"):
-        if extension != subset.caption_extension and any(subset.image_dir.glob(f"*{extension}")):
+        if extension != subset.caption_extension and any(subset.folder.glob(f"*{extension}")):
             return (
-                f"{subset.image_dir} has {extension} files but caption_extension is {subset.caption_extension!r}, "
+                f"{subset.folder} has {extension} files but caption_extension is {subset.caption_extension!r}, "
                 f"so they would be ignored. Set caption_extension: {extension}."
             )
     return None
@@ -240,21 +224,20 @@ def _wrong_extension_hint(subset: Subset) -> str | None:
 
 def _subset_captions(subset: Subset, images: list[Path]) -> tuple[dict[str, str] | None, list[str]]:
     """(file name -> caption, problems); None when the subset has no captions at all."""
-    metadata = subset.metadata_path or (subset.image_dir / "metadata.csv")
-    metadata = metadata if metadata.is_file() else None
+    metadata = _metadata_file(subset) if _metadata_file(subset).is_file() else None
     files, errors = _caption_files(subset, images)
     has_files = any(image.with_suffix(subset.caption_extension).is_file() for image in images)
     source = subset.caption_source
     if source == "auto":
         if metadata and has_files:
             return None, [
-                f"{subset.image_dir}: has both {metadata.name} and {len(files)} {subset.caption_extension} caption "
+                f"{subset.folder}: has both {metadata.name} and {len(files)} {subset.caption_extension} caption "
                 "file(s); sdtune would have to ignore one. Set caption_source: metadata or caption_source: files."
             ]
         source = "metadata" if metadata else "files" if has_files else None
     if source == "metadata":
         if metadata is None:
-            return None, [f"{subset.image_dir}: caption_source is metadata but there is no metadata.csv."]
+            return None, [f"{subset.folder}: caption_source is metadata but there is no metadata.csv."]
         captions, csv_errors = read_metadata(metadata, subset.caption_column)
         mismatch = _metadata_mismatch(metadata, captions, images, subset) if captions or not csv_errors else []
         return captions, errors + csv_errors + mismatch
@@ -262,7 +245,7 @@ def _subset_captions(subset: Subset, images: list[Path]) -> tuple[dict[str, str]
         missing = [p.name for p in images if not p.with_suffix(subset.caption_extension).is_file()]
         if missing and not subset.class_tokens:
             errors.append(
-                f"{subset.image_dir}: no {subset.caption_extension} caption for {_listing(missing)}; write them, or "
+                f"{subset.folder}: no {subset.caption_extension} caption for {_listing(missing)}; write them, or "
                 "set class_tokens to caption those images."
             )
         return files, errors
@@ -277,7 +260,7 @@ def _metadata_mismatch(path: Path, captions: dict[str, str], images: list[Path],
     errors = []
     missing = sorted(name for name in captions if name not in names)
     if missing:
-        errors.append(f"metadata_path: {path} names files not in {subset.image_dir}: {_listing(missing)}.")
+        errors.append(f"metadata_path: {path} names files not in {subset.folder}: {_listing(missing)}.")
     uncaptioned = sorted(name for name in names if name not in captions)
     if uncaptioned and not subset.class_tokens:
         errors.append(
@@ -317,14 +300,14 @@ def scan_subset(
 ) -> tuple[list[Example], list[str]]:
     """The examples of one subset (each image once) and every problem found; bad images are problems, or are left
     out and listed in `skipped` with `bad_images: skip`."""
-    if not subset.image_dir.is_dir():
-        return [], [f"{subset.setting}: {subset.image_dir} is not a folder (missing or a file); check the path."]
-    images = list_images(subset.image_dir)
+    if not subset.folder.is_dir():
+        return [], [f"{subset.source}: {subset.folder} is not a folder (missing or a file); check the path."]
+    images = list_images(subset.folder)
     if not images:
-        return [], [f"{subset.setting}: {subset.image_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})."]
+        return [], [f"{subset.source}: {subset.folder} holds no images ({', '.join(IMAGE_SUFFIXES)})."]
     errors, images = _image_problems(images, resolution, bad_images, skipped)
     if not images:
-        return [], errors + [f"{subset.setting}: {subset.image_dir}: no usable image left."]
+        return [], errors + [f"{subset.source}: {subset.folder}: no usable image left."]
     captions, caption_errors = _subset_captions(subset, images)
     errors += caption_errors
     examples = []
@@ -340,7 +323,7 @@ def scan_subset(
         lacking = sorted(name for name, text in texts.items() if placeholder not in text)
         if lacking:
             errors.append(
-                f"{subset.image_dir}: the captions of {_listing(lacking)} lack placeholder_token {placeholder!r}, "
+                f"{subset.folder}: the captions of {_listing(lacking)} lack placeholder_token {placeholder!r}, "
                 "so they would not train the embedding. Add it where the subject is named (e.g. 'a photo of "
                 f"{placeholder} on a beach' or caption_prefix: {placeholder}), or remove the captions to train with "
                 "prompt templates."
@@ -372,7 +355,7 @@ def scan_dataset(
         uncaptioned = [e.image_path.name for e in found if subset.is_reg and e.caption is None]
         if uncaptioned:
             errors.append(
-                f"{subset.image_dir}: regularization images {_listing(uncaptioned)} have no caption; name the "
+                f"{subset.folder}: regularization images {_listing(uncaptioned)} have no caption; name the "
                 "folder like 1_woman (class tokens), set class_tokens, or write captions."
             )
     return examples + balance_reg_examples(reg_examples, len(examples)), errors
@@ -447,8 +430,6 @@ def example_seed(seed: int, epoch: int, index: int, purpose: str) -> int:
     gradient accumulation and dataloader workers change nothing, and a resumed run draws what the uninterrupted one
     would have.
     """
-    import hashlib
-
     digest = hashlib.sha256(f"{seed}:{epoch}:{index}:{purpose}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
@@ -539,8 +520,6 @@ class LatentCache:
 
     def key(self, path: Path, size: tuple[int, int], flipped: bool) -> str:
         """The entry's name: sha256 over the image bytes' hash, size, crop mode, flip and VAE identity."""
-        import hashlib
-
         if path not in self._file_hashes:
             self._file_hashes[path] = hashlib.sha256(path.read_bytes()).hexdigest()
         text = f"{self._file_hashes[path]}|{size[0]}x{size[1]}|center|{int(flipped)}|{self.vae_id}"
@@ -549,8 +528,6 @@ class LatentCache:
     def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The cached (mean, std), from memory or disk."""
         if key not in self.entries and self.folder is not None and (self.folder / f"{key}.safetensors").is_file():
-            from safetensors.torch import load_file
-
             tensors = load_file(str(self.folder / f"{key}.safetensors"))
             self.entries[key] = (tensors["mean"], tensors["std"])
         return self.entries.get(key)
@@ -559,15 +536,9 @@ class LatentCache:
         """Stores an entry (written atomically to disk when a folder is set)."""
         self.entries[key] = (mean.contiguous(), std.contiguous())
         self.encoded += 1
-        if self.folder is not None:
-            import os
-
-            from safetensors.torch import save_file
-
-            self.folder.mkdir(parents=True, exist_ok=True)
-            temporary = self.folder / f".{key}.tmp{os.getpid()}"
-            save_file({"mean": self.entries[key][0], "std": self.entries[key][1]}, str(temporary))
-            os.replace(temporary, self.folder / f"{key}.safetensors")
+        if self.folder is not None:  # a cache: losing an entry to a crash costs one re-encode, so no fsync
+            with atomic.atomic_file(self.folder / f"{key}.safetensors") as temporary:
+                save_file({"mean": self.entries[key][0], "std": self.entries[key][1]}, str(temporary))
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
@@ -595,7 +566,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.templates = STYLE_TEMPLATES if config.learnable_property == "style" else OBJECT_TEMPLATES
         self.templates_subject = templates_subject
         self.seed = config.seed
-        self.prior_loss_weight = config.effective_prior_loss_weight
+        self.prior_loss_weight = config.prior_loss_weight
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -682,6 +653,36 @@ def fill_latent_cache(dataset: ImageCaptionDataset, cache: LatentCache, encode, 
     dataset.latent_cache = cache
 
 
+def training_loader(config: TrainConfig, examples: list[Example], num_processes: int = 1, process_index: int = 0,
+                    latents=None) -> tuple[torch.utils.data.DataLoader, dict]:  # fmt: skip
+    """(loader, dataset summary for the metadata) of a training run.
+
+    Batches come from `BucketBatches`: square crops in one bucket, or with `enable_bucket` each image at its bucket
+    size, batches drawn within a bucket; the order of every epoch follows from the seed, so a resumed run continues
+    exactly, and each of `num_processes` takes its slice of every global batch. With `latents` = (a `LatentCache`,
+    its encode function) the dataset yields cached latent distributions instead of pixels.
+    """
+    summary = dataset_summary(config, examples)
+    sizes, extra = None, {}
+    if config.enable_bucket:
+        plan = bucket_plan(examples, config)
+        sizes, extra = plan["assigned"], {"bucket_info": plan["ss_bucket_info"]}
+    dataset = ImageCaptionDataset(examples, config, config.placeholder_token, sizes=sizes)
+    if latents is not None:
+        fill_latent_cache(dataset, latents[0], latents[1], batch_size=config.batch_size)
+    buckets = sizes or [(config.resolution, config.resolution)] * len(examples)
+    sampler = BucketBatches(buckets, config.batch_size, config.seed, num_processes, process_index)
+    # Its own generator: each new iterator (every epoch, and on resume) draws a worker base seed from it, which
+    # would otherwise shift the global random stream.
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=config.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    return loader, {**summary, **extra, "batches_per_epoch": len(loader)}
+
+
 def shuffle_tags(caption: str, keep_tokens: int, generator: torch.Generator | None = None) -> str:
     """The caption's comma-separated tags in a random order (from `generator`), the first `keep_tokens` in place."""
     tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
@@ -734,14 +735,14 @@ def _by_subset(examples: list[Example]) -> dict[Subset, list[Example]]:
     return {subset: list(unique.values()) for subset, unique in groups.items()}
 
 
-def write_metadata(folder: Path, rows: list[dict[str, str]], caption_column: str = "text") -> Path:
-    """Writes `folder/metadata.csv` (`file_name,<caption_column>`) from rows of those two keys."""
-    path = folder / "metadata.csv"
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["file_name", caption_column])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+def write_metadata(folder: Path, rows: list[dict[str, str]], columns: tuple[str, ...] = ("file_name", "text")) -> Path:
+    """Writes `folder/metadata.csv` with `columns` (`file_name` and a caption column, plus any others) from rows keyed
+    by them (other keys are left out), atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic.write_text(folder / "metadata.csv", buffer.getvalue(), durable=True)
 
 
 def _caption_counts(examples: list[Example]) -> str:
@@ -766,7 +767,7 @@ def describe_dataset(examples: list[Example], top_tags: int = 8) -> list[str]:
     lines = []
     for number, (subset, unique) in enumerate(_by_subset(examples).items(), start=1):
         kind = ", regularization" if subset.is_reg else ""
-        lines.append(f"subset {number}: {subset.image_dir} ({subset.setting}{kind})")
+        lines.append(f"subset {number}: {subset.folder} ({subset.source}{kind})")
         samples = len(unique) * subset.num_repeats
         lines.append(f"  {len(unique)} images x {subset.num_repeats} repeats = {samples} samples per epoch")
         lines.append(f"  captions: {_caption_counts(unique)}")

@@ -1,39 +1,58 @@
-"""File layouts shared by training, export, inspection and inference (see shared/FORMATS.md).
+"""File layouts, both ways: the kohya key names sdtune writes, and reading any LoRA or embedding file (ours and other
+tools') into what it holds and which family it fits (see shared/FORMATS.md).
 
-kohya LoRA keys: `<prefix><module path with "." -> "_">.{lora_down.weight, lora_up.weight, alpha}`. For SD1.x/SD2.x
-the UNet prefix is `lora_unet_` with the diffusers module path; the text encoder's is `lora_te_text_model_` with the
-path inside CLIP's `text_model` (transformers >= 5 has no `text_model` level in `named_modules()`, so that level is
-added here explicitly rather than derived).
+kohya LoRA keys: `<prefix><module path with "." -> "_">.{lora_down.weight, lora_up.weight, alpha}`. The UNet prefix
+is `lora_unet_` with the module path spelled as the family says (diffusers paths for SD1.x/SD2.x, original LDM paths
+for SDXL); a text encoder's is the `kohya_prefix` of its family record, then `text_model_` and the path inside
+CLIP's `text_model` (transformers >= 5 has no `text_model` level in `named_modules()`, so that level is added
+here explicitly rather than derived, FORMATS.md rule 2).
+
+Used by training, export, `sdtune inspect` and inference; it never imports training code.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-UNET_PREFIX = "lora_unet_"
-TEXT_ENCODER_PREFIX = "lora_te_text_model_"
+from sdtune import checkpoint_keys, families
+from sdtune.errors import SdtuneError
+from sdtune.families import Family
+
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 LORA_SUFFIXES = (DOWN, UP, ALPHA)
-EMBEDDING_KEYS = ("emb_params", "string_to_param", "clip_l", "clip_g")
+RECORD_PREFIX = "sdtune."
 
 
-class FormatError(Exception):
+class FormatError(SdtuneError):
     """A file that is not in the layout it claims, or that does not fit the model it is checked against."""
 
 
-def unet_module_key(module_path: str) -> str:
-    """kohya name of a UNet module, e.g. `down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_...`."""
-    return UNET_PREFIX + module_path.replace(".", "_")
+# ---------------------------------------------------------------------------------------------------------------
+# kohya names of modules
 
 
-def text_encoder_module_key(module_path: str) -> str:
-    """kohya name of a CLIP text-encoder module, with the `text_model` level whatever transformers' version."""
-    return TEXT_ENCODER_PREFIX + module_path.removeprefix("text_model.").replace(".", "_")
+def lora_key(family: Family, component: str, module_path: str, unet_config=None) -> str:
+    """kohya name of a module of `component` (`unet` or one of the family's text encoders).
+
+    Args:
+        family: The base model's family (key spelling and prefixes).
+        component: The pipeline attribute the module belongs to.
+        module_path: Its path in that component, e.g. `down_blocks.0.attentions.0.proj_in`.
+        unet_config: The UNet's config; needed for families that spell UNet keys the LDM way.
+    """
+    if component == "unet":
+        if family.unet_key_style == "ldm":
+            module_path = checkpoint_keys.unet_module_to_ldm(module_path, unet_config)
+        return families.KOHYA_UNET_PREFIX + module_path.replace(".", "_")
+    prefix = family.text_encoder(component).kohya_prefix
+    return prefix + "text_model_" + module_path.removeprefix("text_model.").replace(".", "_")
 
 
 def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -50,11 +69,14 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def module_key_map(unet: nn.Module, text_encoder: nn.Module) -> dict[str, tuple[str, str, nn.Module]]:
-    """kohya key -> (component, module path, module) for every adaptable module of an SD1.x/SD2.x model."""
-    keys = {unet_module_key(path): ("unet", path, module) for path, module in adaptable_modules(unet).items()}
-    for path, module in adaptable_modules(text_encoder).items():
-        keys[text_encoder_module_key(path)] = ("text_encoder", path, module)
+def module_key_map(family: Family, components: dict[str, nn.Module]) -> dict[str, tuple[str, str, nn.Module]]:
+    """kohya key -> (component, module path, module) for every adaptable module of the components (`unet` and
+    text encoders by pipeline attribute name, e.g. `BaseModel.adaptable()`)."""
+    unet_config = getattr(components.get("unet"), "config", None)
+    keys = {}
+    for component, model in components.items():
+        for path, module in adaptable_modules(model).items():
+            keys[lora_key(family, component, path, unet_config)] = (component, path, module)
     return keys
 
 
@@ -80,6 +102,10 @@ class LoraModule:
         return product * (self.alpha / self.rank)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Reading LoRA files
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and the header metadata of a `.safetensors` file.
 
@@ -95,8 +121,9 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 
 def is_kohya_lora(keys) -> bool:
-    """True when the keys are kohya LoRA keys (`lora_unet_*` / `lora_te*_*`)."""
-    return any(key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for key in keys)
+    """True when the keys are kohya LoRA keys (`lora_unet_*` or a known text-encoder prefix)."""
+    prefixes = (families.KOHYA_UNET_PREFIX, *families.kohya_text_prefixes())
+    return any(key.startswith(prefixes) for key in keys)
 
 
 def parse_kohya_lora(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, LoraModule]:
@@ -125,26 +152,38 @@ def parse_kohya_lora(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, 
     return modules
 
 
-PEFT_COMPONENT_KEYS = {"unet": unet_module_key, "text_encoder": text_encoder_module_key}
+def _peft_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Family | None:
+    """The family whose names a diffusers-layout LoRA is read with: the one it records, else the first family sdtune
+    trains on that has every component the file adapts."""
+    recorded = families.get(metadata.get("sdtune.model_family"))
+    if recorded:
+        return recorded
+    components = {key.partition(".")[0] for key in tensors}
+    for family in families.FAMILIES.values():
+        if components <= {"unet", *(encoder.component for encoder in family.text_encoders)}:
+            return family
+    return None
 
 
-def parse_peft_lora(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, LoraModule]:
+def parse_peft_lora(tensors: dict[str, torch.Tensor], path: Path, family: Family | None) -> dict[str, LoraModule]:
     """A diffusers/peft LoRA state dict (`unet.<path>.lora_A.weight`, `text_encoder.<path>.lora_B.weight`) as kohya
-    names -> factors, so it is checked against a base model like a kohya file (alpha = rank: peft keeps it in the
-    adapter config, not the weights).
+    names -> factors (named as `family` names them), so it is checked against a base model like a kohya file (alpha =
+    rank: peft keeps it in the adapter config, not the weights).
 
     Raises:
         FormatError: Keys of other components or layouts, or a module missing a factor.
     """
+    components = ("unet", *(encoder.component for encoder in family.text_encoders)) if family else ()
+    unet_config = families.shipped_configs(family)["unet"] if family and family.unet_key_style == "ldm" else None
     factors: dict[str, dict[str, torch.Tensor]] = {}
     problems = []
     for key, tensor in tensors.items():
         component, _, rest = key.partition(".")
         module_path, _, factor = rest.rpartition(".lora_")
-        if component not in PEFT_COMPONENT_KEYS or factor not in ("A.weight", "B.weight"):
-            problems.append(f"{key} is not a diffusers LoRA key of the UNet or text encoder")
+        if component not in components or factor not in ("A.weight", "B.weight"):
+            problems.append(f"{key} is not a diffusers LoRA key of the UNet or a text encoder sdtune knows")
             continue
-        name = PEFT_COMPONENT_KEYS[component](module_path)
+        name = lora_key(family, component, module_path, unet_config)
         factors.setdefault(name, {})[factor[0]] = tensor
     modules = {}
     for name, pair in sorted(factors.items()):
@@ -175,3 +214,192 @@ def lora_fit_problems(modules: dict[str, LoraModule], key_map: dict[str, tuple[s
                 f"module's weight {tuple(weight.shape)}"
             )
     return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading any artifact: what a file is, and which family it fits
+
+
+def read_record(metadata: dict[str, str] | None) -> dict[str, str]:
+    """The `sdtune.*` entries of a safetensors header (empty for files made by other tools)."""
+    return {key: value for key, value in (metadata or {}).items() if key.startswith(RECORD_PREFIX)}
+
+
+@dataclass
+class Artifact:
+    """What a LoRA or embedding file holds, as far as its keys, shapes and header tell."""
+
+    path: Path
+    kind: str  # "lora" or "embedding"
+    layout: str  # kohya, diffusers-peft, emb_params, a1111-pt, sdxl-pair, single-key
+    family: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    lora_modules: dict[str, LoraModule] = field(default_factory=dict)
+    vectors: dict[str, torch.Tensor] = field(default_factory=dict)  # file key ("text": its only tensor) -> [n, width]
+    dtypes: set[str] = field(default_factory=set)
+
+    @property
+    def record(self) -> dict[str, str]:
+        """The `sdtune.*` compatibility record (empty for other tools' files)."""
+        return read_record(self.metadata)
+
+
+def load_tensors(path: Path) -> tuple[dict, dict[str, str]]:
+    """(contents, header metadata) of a `.safetensors` file, or of a legacy `.pt`/`.bin`/`.ckpt` file loaded with
+    `torch.load(weights_only=True)` (no code from pickles runs; such files have no header).
+
+    Raises:
+        FormatError: Unreadable, a pickle that needs code to load, or an unknown suffix.
+    """
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix in (".pt", ".bin", ".ckpt"):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), {}
+        except Exception as error:
+            raise FormatError(
+                f"{path}: could not be loaded with torch.load(weights_only=True) ({type(error).__name__}); sdtune "
+                "does not run code from pickled files."
+            ) from error
+    raise FormatError(f"{path}: unknown file type {path.suffix!r} (expected .safetensors or .pt).")
+
+
+def _embedding_vectors(data: dict, path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """(layout, file key -> vectors) of the embedding layouts in FORMATS.md."""
+    if "string_to_param" in data:
+        params = data["string_to_param"]
+        if len(params) != 1:
+            raise FormatError(f"{path}: A1111 embedding with {len(params)} entries; exactly one is loadable.")
+        return "a1111-pt", {"text": next(iter(params.values())).detach()}
+    paired = families.from_embedding_keys(data)
+    if paired:
+        return f"{paired.name}-pair", {key: data[key] for key in paired.embedding_keys}
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) == 1:
+        key, value = next(iter(tensors.items()))
+        return ("emb_params" if key == "emb_params" else "single-key"), {"text": value}
+    raise FormatError(f"{path}: neither a LoRA nor an embedding layout sdtune knows (keys: {list(data)[:5]}).")
+
+
+def _width_family(modules: dict[str, LoraModule]) -> str | None:
+    """The family a LoRA's text width names: the input width of a cross-attention key or text-encoder query."""
+    for key, lora in modules.items():
+        if key.endswith("attn2_to_k") or key.endswith("self_attn_q_proj"):
+            signature = families.from_text_width(lora.down.flatten(1).shape[1])
+            return signature.name if signature else None
+    return None
+
+
+def _lora_family(modules: dict[str, LoraModule], metadata: dict[str, str]) -> str | None:
+    if metadata.get("sdtune.model_family"):
+        return metadata["sdtune.model_family"]
+    signature = families.from_kohya_metadata(metadata.get("ss_base_model_version", ""), modules)
+    return signature.name if signature else _width_family(modules)
+
+
+def read_artifact(path: str | Path) -> Artifact:
+    """Reads a LoRA (kohya or diffusers/peft layout) or an embedding (any FORMATS.md layout).
+
+    Raises:
+        FormatError: Unreadable, or neither a LoRA nor an embedding.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "pytorch_lora_weights.safetensors"
+    data, metadata = load_tensors(path)
+    dtypes = {str(v.dtype).removeprefix("torch.") for v in data.values() if isinstance(v, torch.Tensor)}
+    if is_kohya_lora(data):
+        modules = parse_kohya_lora(data, path)
+        return Artifact(path, "lora", "kohya", _lora_family(modules, metadata), metadata, modules, dtypes=dtypes)
+    if any(".lora_A." in key for key in data):
+        modules = parse_peft_lora(data, path, _peft_family(data, metadata))
+        family = _lora_family(modules, metadata)
+        return Artifact(path, "lora", "diffusers-peft", family, metadata, modules, dtypes=dtypes)
+    layout, vectors = _embedding_vectors(data, path)
+    vectors = {k: v.reshape(-1, v.shape[-1]) for k, v in vectors.items()}
+    if "text" in vectors:
+        signature = families.from_text_width(vectors["text"].shape[-1])
+    else:
+        signature = families.from_embedding_keys(vectors)
+    family = metadata.get("sdtune.model_family") or (signature.name if signature else None)
+    return Artifact(path, "embedding", layout, family, metadata, vectors=vectors, dtypes=dtypes)
+
+
+_UNET_GROUPS = (
+    ("unet attention", r"_attn[12]_"),
+    ("unet feed-forward", r"_ff_net_"),
+    ("unet proj_in/out", r"_proj_(in|out)$"),
+    # LoCon: diffusers spelling (resnets, up/downsamplers) and LDM spelling (ResBlock layers, op, upsampler conv)
+    ("unet convs (LoCon)", r"(_resnets_|samplers_|_(in|out|emb)_layers_|_skip_connection$|_op$|_\d+_conv$)"),
+)
+_TEXT_GROUPS = (("text encoder attention", r"_self_attn_"), ("text encoder mlp", r"_mlp_"))
+
+
+def _group_of(key: str) -> str:
+    if key.startswith(families.KOHYA_UNET_PREFIX):
+        groups = _UNET_GROUPS
+    elif key.startswith(families.kohya_text_prefixes()):
+        groups = _TEXT_GROUPS
+    else:
+        return "other"
+    return next((group for group, pattern in groups if re.search(pattern, key)), "other")
+
+
+def lora_groups(modules: dict[str, LoraModule]) -> dict[str, dict]:
+    """Module count, ranks and alphas per module group (unet attention, feed-forward, ..., text encoder mlp)."""
+    groups: dict[str, dict] = {}
+    for key, lora in sorted(modules.items()):
+        entry = groups.setdefault(_group_of(key), {"modules": 0, "ranks": set(), "alphas": set()})
+        entry["modules"] += 1
+        entry["ranks"].add(lora.rank)
+        entry["alphas"].add(lora.alpha)
+    return groups
+
+
+def describe(artifact: Artifact) -> str:
+    """A human-readable summary: kind, layout, family, groups or vectors, metadata and record."""
+    lines = [f"{artifact.path}", f"  kind: {artifact.kind} ({artifact.layout} layout), family: "
+             f"{families.title(artifact.family)}"]  # fmt: skip
+    lines.append(f"  dtype: {', '.join(sorted(artifact.dtypes))}")
+    for name, group in lora_groups(artifact.lora_modules).items():
+        ranks = ", ".join(map(str, sorted(group["ranks"])))
+        alphas = ", ".join(f"{a:g}" for a in sorted(group["alphas"]))
+        lines.append(f"  {name}: {group['modules']} modules, rank {ranks}, alpha {alphas}")
+    for encoder, vectors in artifact.vectors.items():
+        lines.append(f"  {encoder}: {vectors.shape[0]} vector(s) of width {vectors.shape[1]}")
+    shown = {k: v for k, v in artifact.metadata.items() if not k.startswith(("ss_tag_frequency", RECORD_PREFIX))}
+    if shown:
+        lines.append("  metadata:")
+        lines += [f"    {key}: {_short(value)}" for key, value in sorted(shown.items())]
+    if artifact.record:
+        lines.append("  sdtune record:")
+        lines += [f"    {key.removeprefix(RECORD_PREFIX)}: {value}" for key, value in sorted(artifact.record.items())]
+    return "\n".join(lines)
+
+
+def _short(value: str, limit: int = 100) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def summary_dict(artifact: Artifact) -> dict:
+    """The summary as plain data (for `sdtune inspect --json`)."""
+    groups = {
+        name: {"modules": g["modules"], "ranks": sorted(g["ranks"]), "alphas": sorted(g["alphas"])}
+        for name, g in lora_groups(artifact.lora_modules).items()
+    }
+    return {
+        "path": str(artifact.path),
+        "kind": artifact.kind,
+        "layout": artifact.layout,
+        "family": artifact.family,
+        "dtypes": sorted(artifact.dtypes),
+        "lora_groups": groups,
+        "vectors": {k: list(v.shape) for k, v in artifact.vectors.items()},
+        "metadata": artifact.metadata,
+        "record": artifact.record,
+    }
+
+
+def to_json(artifact: Artifact) -> str:
+    """`summary_dict` as indented JSON."""
+    return json.dumps(summary_dict(artifact), indent=2, sort_keys=True)

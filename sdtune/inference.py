@@ -1,5 +1,6 @@
 """Generation: a base model's diffusers pipeline with LoRAs and embeddings stacked on it by name, each with its own
-weights, behind the compatibility gates of `sdtune.compat`.
+weights, behind the compatibility gates of `sdtune.compat`; and the one way sdtune draws images from seeds
+(`generate_images`), used by `AdapterPipeline.generate`, `sdtune generate` and the sample grids of training alike.
 
 Weights are applied by diffusers' own loaders (`load_lora_weights` + `set_adapters`, `load_textual_inversion`), so a
 stack behaves here as it does in any diffusers script: `W + a*dA + b*dB` for LoRAs at weights a and b. Only builds
@@ -10,14 +11,24 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
-from sdtune import artifacts, compat, export, formats
-from sdtune.models import BaseModel, encode_prompts, file_sha256, load_base_model, tokenizer_fingerprint
+from sdtune import atomic, compat, export, formats
+from sdtune.families import Family
+from sdtune.models import (
+    BaseModel,
+    encode_prompts,
+    file_sha256,
+    load_base_model,
+    tokenizer_fingerprint,
+    without_safety_checker,
+)
 
 # sampler name -> (diffusers scheduler class, extra config, A1111's name for the infotext)
 SAMPLERS = {
@@ -30,7 +41,6 @@ SAMPLERS = {
     "pndm": ("PNDMScheduler", {}, "PLMS"),
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
 }
-LORA_COMPONENTS = ("unet", "text_encoder")
 logger = logging.getLogger(__name__)
 
 
@@ -44,37 +54,85 @@ def make_scheduler(sampler: str, scheduler_config: dict):
     return getattr(diffusers, class_name).from_config(scheduler_config, **extra)
 
 
-def pipeline_from_components(tokenizer, text_encoder, unet, vae, scheduler_config: dict, sampler: str = "dpmpp_2m"):
-    """A `StableDiffusionPipeline` over already loaded (possibly adapted) components, with the chosen sampler."""
+def pipeline_from_components(family: Family, components: Mapping, scheduler_config: dict, sampler: str = "dpmpp_2m"):
+    """The family's diffusers pipeline over already loaded (possibly adapted) components (tokenizers, text encoders,
+    `unet`, `vae` by pipeline attribute name: `BaseModel.components`), with the chosen sampler."""
     import diffusers
 
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    names = ["unet", "vae", *(name for spec in family.text_encoders for name in (spec.tokenizer, spec.component))]
+    pipe = pipeline_class(
+        **{name: components[name] for name in names},
         scheduler=make_scheduler(sampler, scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **without_safety_checker(pipeline_class),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def prompt_arguments(pipe, prompts: list[str], negative_prompt: str, clip_skip: int) -> dict:
+def prompt_arguments(pipe, family: Family, prompts: list[str], negative_prompt: str, clip_skip: int) -> dict:
     """The prompt arguments of a pipeline call: the text itself, or with `clip_skip` > 1 (kohya/A1111 counting)
     embeddings computed by `models.encode_prompts` (embedding tokens expanded first, as the pipeline would)."""
     negative = [negative_prompt] * len(prompts) if negative_prompt else None
     if clip_skip == 1:
         return {"prompt": prompts, "negative_prompt": negative}
-    texts = pipe.maybe_convert_prompt(prompts, pipe.tokenizer)
-    negatives = pipe.maybe_convert_prompt(negative or [""] * len(prompts), pipe.tokenizer)
-    device = pipe.text_encoder.device
+    tokenizer = getattr(pipe, family.text_encoders[0].tokenizer)  # every tokenizer of a family holds the same tokens
+    texts = pipe.maybe_convert_prompt(prompts, tokenizer)
+    negatives = pipe.maybe_convert_prompt(negative or [""] * len(prompts), tokenizer)
+    device = getattr(pipe, family.text_encoders[0].component).device
     return {
-        "prompt_embeds": encode_prompts(pipe.tokenizer, pipe.text_encoder, texts, device, clip_skip),
-        "negative_prompt_embeds": encode_prompts(pipe.tokenizer, pipe.text_encoder, negatives, device, clip_skip),
+        "prompt_embeds": encode_prompts(family, pipe.components, texts, device, clip_skip),
+        "negative_prompt_embeds": encode_prompts(family, pipe.components, negatives, device, clip_skip),
     }
+
+
+def generate_images(
+    pipe,
+    family: Family,
+    prompts: list[str],
+    seeds: list[int],
+    size: tuple[int, int],
+    steps: int = 20,
+    guidance: float = 7.5,
+    negative_prompt: str = "",
+    clip_skip: int = 1,
+    batch_size: int = 16,
+) -> list[Image.Image]:
+    """One image per prompt, prompt `i` drawn from `seeds[i]`, `batch_size` prompts per forward pass.
+
+    Every seed seeds its own CPU generator (as ComfyUI and A1111's CPU noise source do), whatever the device and
+    whatever else is in the batch, so a seed names one starting noise on any machine. This is the only place sdtune
+    draws images: `AdapterPipeline.generate`, `sdtune generate`, training sample grids and the benchmarks all call it.
+
+    Args:
+        pipe: A pipeline of `family` (see `pipeline_from_components`).
+        family: Its family.
+        prompts: The prompts (embedding tokens as registered; LoRA tags already taken out).
+        seeds: One seed per prompt.
+        size: (width, height) in pixels.
+        steps: Sampler steps.
+        guidance: Classifier-free guidance scale.
+        negative_prompt: The negative prompt of every image.
+        clip_skip: Text-encoder layer counted from the end, as kohya and A1111 count (1 = the family's layer).
+        batch_size: Prompts per forward pass.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds[start : start + batch_size]]
+        with torch.no_grad():
+            output = pipe(
+                width=size[0],
+                height=size[1],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generators,
+                **prompt_arguments(pipe, family, chunk, negative_prompt, clip_skip),
+            )
+        images += output.images
+    return images
 
 
 @dataclass
@@ -117,14 +175,13 @@ class AdapterPipeline:
 
     def __init__(self, base: BaseModel, sampler: str = "dpmpp_2m", device: str | None = None):
         self.base = base
-        self.pipe = pipeline_from_components(
-            base.tokenizer, base.text_encoder, base.unet, base.vae, base.scheduler_config, sampler
-        )
+        self.pipe = pipeline_from_components(base.family, base.components, base.scheduler_config, sampler)
         if device:
             self.pipe.to(device)
         self.sampler = sampler
         self.adapters: dict[str, Adapter] = {}
-        self._tokenizer_fingerprint = tokenizer_fingerprint(base.tokenizer)  # before embeddings add tokens
+        self._tokenizer_fingerprint = tokenizer_fingerprint(*base.tokenizers.values())  # before embeddings add tokens
+        self._lora_components = list(base.adaptable())
         self._counter = itertools.count()
         self._applied: tuple | None = ()  # the LoRA weights last given to diffusers; () = none loaded
         self._fuse_wanted = False
@@ -162,7 +219,7 @@ class AdapterPipeline:
         path = Path(path)
         name = name or path.stem
         artifact, warnings = self._checked_artifact(path, "lora", name, force)
-        tensors, _ = artifacts.load_tensors(artifact.path)
+        tensors, _ = formats.load_tensors(artifact.path)
         internal = f"sdtune_{next(self._counter)}"
         self._unfuse()
         try:
@@ -192,9 +249,9 @@ class AdapterPipeline:
         path = Path(path)
         token = token or path.stem
         artifact, warnings = self._checked_artifact(path, "embedding", token, force)
-        vectors = artifact.vectors["text"]
-        tokens = [token] + [f"{token}_{i}" for i in range(1, vectors.shape[0])]
-        taken = [t for t in tokens if t in self.base.tokenizer.get_vocab()]
+        targets = compat.embedding_targets(artifact, self.base.family)
+        tokens = [token] + [f"{token}_{i}" for i in range(1, targets[0][1].shape[0])]
+        taken = [t for t in tokens for tokenizer in self.base.tokenizers.values() if t in tokenizer.get_vocab()]
         if taken:
             raise formats.FormatError(
                 f"{path}: the token {taken[0]!r} is already in the tokenizer's vocabulary, so the embedding would "
@@ -202,9 +259,11 @@ class AdapterPipeline:
                 "FILE:TOKEN`) or rename the file (A1111 uses the file stem)."
             )
         try:
-            self.pipe.load_textual_inversion(vectors, token=tokens)
+            for spec, vectors in targets:  # one call per text encoder, as diffusers documents for SDXL pairs
+                encoder, tokenizer = getattr(self.pipe, spec.component), getattr(self.pipe, spec.tokenizer)
+                self.pipe.load_textual_inversion(vectors, token=tokens, text_encoder=encoder, tokenizer=tokenizer)
         except Exception:
-            self.pipe.unload_textual_inversion(tokens)
+            self._unload_tokens(tokens)
             raise
         self.adapters[token] = Adapter(
             token, "embedding", path, short_hash(path, "embedding"), tokens=tuple(tokens), warnings=warnings
@@ -216,7 +275,7 @@ class AdapterPipeline:
             raise formats.FormatError(
                 f"{path}: an adapter named {name!r} is already loaded; remove it or pick another name."
             )
-        artifact = artifacts.read_artifact(path)
+        artifact = formats.read_artifact(path)
         if artifact.kind != kind:
             raise formats.FormatError(f"{path} is a {artifact.kind}, not a {kind}; load it with add_{artifact.kind}.")
         warnings = compat.require_fit(artifact, self.base, force, self._tokenizer_fingerprint)
@@ -245,11 +304,19 @@ class AdapterPipeline:
             raise KeyError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self.adapters) or 'none'})")
         adapter = self.adapters.pop(name)
         if adapter.kind == "embedding":
-            self.pipe.unload_textual_inversion(list(adapter.tokens))
+            self._unload_tokens(list(adapter.tokens))
             return
         self._unfuse()
         self._delete_internal(adapter.internal_name)
         self._applied = None
+
+    def _unload_tokens(self, tokens: list[str]) -> None:
+        """Takes embedding tokens out of every tokenizer and text encoder that has them."""
+        for spec in self.base.family.text_encoders:
+            tokenizer = getattr(self.pipe, spec.tokenizer)
+            if any(token in tokenizer.get_vocab() for token in tokens):
+                encoder = getattr(self.pipe, spec.component)
+                self.pipe.unload_textual_inversion(tokens, tokenizer=tokenizer, text_encoder=encoder)
 
     def _lora(self, name: str) -> Adapter:
         adapter = self.adapters.get(name)
@@ -260,7 +327,7 @@ class AdapterPipeline:
 
     def _verify_loaded(self, artifact, internal: str) -> None:
         """Fails closed when diffusers' loader skipped modules of the file (it only logs unmatched keys)."""
-        key_map = formats.module_key_map(self.base.unet, self.base.text_encoder)
+        key_map = formats.module_key_map(self.base.family, self.base.adaptable())
         missing = []
         for name in artifact.lora_modules:
             component, module_path, _ = key_map[name]
@@ -310,7 +377,7 @@ class AdapterPipeline:
             self._applied = state
         if self._fuse_wanted and weights and not self._fused:
             self.pipe.fuse_lora(
-                components=list(LORA_COMPONENTS), adapter_names=[self.adapters[n].internal_name for n in weights]
+                components=self._lora_components, adapter_names=[self.adapters[n].internal_name for n in weights]
             )
             self._fused = True
 
@@ -324,14 +391,13 @@ class AdapterPipeline:
         names, per_component = [], []
         for name, (text_encoder_weight, unet_weight) in weights.items():
             adapter = self.adapters[name]
-            by_component = {"text_encoder": text_encoder_weight, "unet": unet_weight}
             names.append(adapter.internal_name)
-            per_component.append({c: by_component[c] for c in adapter.components})
+            per_component.append({c: unet_weight if c == "unet" else text_encoder_weight for c in adapter.components})
         self.pipe.set_adapters(names, adapter_weights=per_component)
 
     def _unfuse(self) -> None:
         if self._fused:
-            self.pipe.unfuse_lora(components=list(LORA_COMPONENTS))
+            self.pipe.unfuse_lora(components=self._lora_components)
             self._fused = False
 
     # -- generating --------------------------------------------------------------------------------------------
@@ -356,57 +422,18 @@ class AdapterPipeline:
         extra_loras: dict[str, tuple[float, float]] | None = None,
         clip_skip: int = 1,
     ) -> list[Image.Image]:
-        """One image per prompt, prompt `i` drawn from `seeds[i]` whatever else is in the batch, with the active
-        LoRAs plus `extra_loras` (name -> (text-encoder, UNet) weights) applied.
+        """One image per prompt, prompt `i` drawn from `seeds[i]` whatever else is in the batch (see
+        `generate_images`), with the active LoRAs plus `extra_loras` (name -> (text-encoder, UNet) weights) applied.
 
         Returns:
             The images, in prompt order.
         """
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         self.apply(extra_loras)
-        device = self.pipe.device
-        generators = [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
-        with torch.no_grad():
-            output = self.pipe(
-                height=height or self.default_size(),
-                width=width or self.default_size(),
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=generators,
-                **prompt_arguments(self.pipe, prompts, negative_prompt, clip_skip),
-            )
-        return output.images
-
-
-def generate(
-    pipe,
-    prompts: list[str],
-    seed: int,
-    size: int,
-    steps: int = 20,
-    guidance: float = 7.5,
-    batch_size: int = 16,
-    clip_skip: int = 1,
-) -> list[Image.Image]:
-    """One image per prompt from a plain diffusers pipeline; prompt `i` always uses seed `seed + i`, whatever the
-    batching, so runs compare (training samples, benchmarks). `clip_skip` counts as kohya/A1111 do (1 = last
-    layer); diffusers counts one less."""
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        with torch.no_grad():
-            output = pipe(
-                height=size,
-                width=size,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=generators,
-                **prompt_arguments(pipe, chunk, "", clip_skip),
-            )
-        images += output.images
-    return images
+        default = self.default_size()
+        return generate_images(
+            self.pipe, self.base.family, prompts, seeds, (width or default, height or default), steps, guidance,
+            negative_prompt, clip_skip, batch_size=max(1, len(prompts)),
+        )  # fmt: skip
 
 
 def image_grid(images: list[Image.Image], columns: int, scale: int = 1) -> Image.Image:
@@ -421,16 +448,10 @@ def image_grid(images: list[Image.Image], columns: int, scale: int = 1) -> Image
 
 
 def save_png(image: Image.Image, path: Path, text: dict[str, str] | None = None) -> Path:
-    """Writes a PNG (with `text` as tEXt chunks, e.g. A1111's `parameters`) through a temporary file and a rename."""
-    import os
-
-    from PIL.PngImagePlugin import PngInfo
-
+    """Writes a PNG (with `text` as tEXt chunks, e.g. A1111's `parameters`) atomically."""
     info = PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    image.save(temporary, format="PNG", pnginfo=info)
-    os.replace(temporary, path)
+    with atomic.atomic_file(path) as temporary:
+        image.save(temporary, format="PNG", pnginfo=info)
     return path

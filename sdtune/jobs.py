@@ -11,18 +11,24 @@ import difflib
 import json
 import math
 import random
+import shlex
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from sdtune import __version__, inference, prompts
+import yaml
+from tqdm import tqdm
+
+from sdtune import atomic, inference, prompts
+from sdtune._version import __version__
+from sdtune.errors import SdtuneError
 from sdtune.models import base_model_sha256
 
 MANIFEST = "manifest.jsonl"
 JOB_ALIASES = {"negative": "negative_prompt", "cfg_scale": "guidance", "num_images": "n"}
 
 
-class JobError(ValueError):
+class JobError(SdtuneError, ValueError):
     """A job file or job setting that cannot be run."""
 
 
@@ -97,14 +103,30 @@ def read_jobs(path: Path, defaults: dict) -> list[Job]:
                     raise JobError(f"{path}:{number}: not JSON ({error.msg})") from None
         return [make_job(entry, defaults, where) for where, entry in entries]
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
         data = yaml.safe_load(text)
         data = data.get("jobs") if isinstance(data, dict) else data
         if not isinstance(data, list):
             raise JobError(f"{path}: expected a list of jobs (or `jobs:` with a list)")
         return [make_job(entry, defaults, f"{path}: job {i}") for i, entry in enumerate(data, 1)]
     raise JobError(f"{path}: job files are .yaml, .jsonl or .txt (one prompt per line), not {path.suffix!r}")
+
+
+def write_jobs(path: Path, jobs: list[Job]) -> Path:
+    """Writes jobs as a YAML job file (`--jobs FILE`) with every setting spelled out, so command-line defaults
+    cannot change what it draws."""
+    entries = [{k: v for k, v in asdict(job).items() if v or k not in ("loras", "embeddings")} for job in jobs]
+    return atomic.write_text(path, yaml.safe_dump(entries, sort_keys=False, allow_unicode=True))
+
+
+def generate_command(base, job_file: Path, embeddings=(), loras=(), batch_size: int = 1) -> str:
+    """The `sdtune generate` command line that runs `job_file` on `base` with `embeddings` ((file, token) pairs) and
+    `loras` (files, at weight 1) loaded."""
+    words = ["sdtune", "generate", "--base", str(base), "--jobs", str(job_file), "--batch-size", str(batch_size)]
+    for path, token in embeddings:
+        words += ["--embedding", f"{path}:{token}"]
+    for path in loras:
+        words += ["--lora", str(path)]
+    return shlex.join(words)
 
 
 def split_spec(spec: str) -> tuple[str, list[str]]:
@@ -185,8 +207,6 @@ class BatchRunner:
 
     def run(self, jobs: list[Job], batch_size: int = 1, grid: bool = False, progress: bool = True) -> list[Path]:
         """Generates every image of every job; returns the PNG paths (plus `grid.png` last when `grid`)."""
-        from tqdm import tqdm
-
         items = [image for number, job in enumerate(jobs, 1) for image in self.prepare(job, f"job {number}")]
         index = self._next_index()
         written, images = [], []

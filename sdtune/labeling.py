@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
+from sdtune import data
 from sdtune.config import IMAGE_SUFFIXES
+from sdtune.errors import SdtuneError
 
 # A small general vocabulary for the open_clip tagger; pass your own with `--tags FILE` (one tag per line).
 DEFAULT_TAGS = (
@@ -115,7 +117,7 @@ class BlipCaptioner:
         return [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
-class LabelError(ValueError):
+class LabelError(SdtuneError, ValueError):
     """A folder or metadata.csv that cannot be labeled."""
 
 
@@ -167,10 +169,6 @@ def label_folder(
     Raises:
         LabelError: No images, or an existing metadata.csv that cannot be read.
     """
-    from tqdm import tqdm
-
-    from sdtune import data
-
     folder = Path(folder)
     images = data.list_images(folder) if folder.is_dir() else []
     if not images:
@@ -184,16 +182,6 @@ def label_folder(
             rows.setdefault(image.name, {"file_name": image.name})[caption_column] = compose_caption(
                 body, trigger, prefix, suffix
             )
-    _write_rows(path, columns, [rows[name] for name in sorted(rows)])
+    data.write_metadata(folder, [rows[name] for name in sorted(rows)], tuple(columns))
     captions = [data.Example(folder / name, row.get(caption_column, "")) for name, row in rows.items()]
     return LabelResult(path, len(todo), len(images) - len(todo), data.tag_frequency(captions))
-
-
-def _write_rows(path: Path, columns: list[str], rows: list[dict[str, str]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(buffer.getvalue(), encoding="utf-8")
-    os.replace(temporary, path)

@@ -1,9 +1,13 @@
 """Where a training run's numbers and pictures go: TensorBoard, Weights & Biases (through accelerate's tracker), or
-both (`log_with`). Only the main process of a run makes a `RunLog`."""
+both (`log_with`). On the other processes of a data-parallel run a `RunLog` is silent: only the main process logs."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
+import torch
 
 from sdtune.config import TrainConfig, to_dict
 
@@ -12,8 +16,6 @@ BACKENDS = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ("tenso
 
 def missing_packages(config: TrainConfig) -> list[str]:
     """Problems with `log_with` on this machine (a backend whose package is not installed)."""
-    import importlib.util
-
     if "wandb" in BACKENDS[config.log_with] and importlib.util.find_spec("wandb") is None:
         return [f"log_with: {config.log_with} needs the wandb package: pip install 'sdtune[wandb]' (or log_with: "
                 "tensorboard)."]  # fmt: skip
@@ -25,6 +27,15 @@ def accelerate_trackers(config: TrainConfig) -> list[str] | None:
     return ["wandb"] if "wandb" in BACKENDS[config.log_with] else None
 
 
+def _peak_memory_scalar() -> tuple[str, float]:
+    """(name, MiB) of this process's peak memory: CUDA allocations on a GPU, else the resident set size."""
+    if torch.cuda.is_available():
+        return "memory/peak_cuda_allocated_mib", torch.cuda.max_memory_allocated() / 2**20
+    import resource  # Unix only; CPU training elsewhere logs no memory figure
+
+    return "memory/peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class RunLog:
     """Scalars, images, the resolved config and the run's hyperparameters, sent to every configured backend.
 
@@ -34,11 +45,14 @@ class RunLog:
     """
 
     def __init__(self, config: TrainConfig, accelerator):
-        backends = BACKENDS[config.log_with]
         self.accelerator = accelerator
         self.tensorboard, self.wandb = None, None
+        self._epoch_losses: dict[int, list[float]] = {}
+        if not accelerator.is_main_process:
+            return
+        backends = BACKENDS[config.log_with]
         settings = to_dict(config)
-        folder = config.effective_logging_dir
+        folder = Path(config.logging_dir)
         if "tensorboard" in backends:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -49,7 +63,7 @@ class RunLog:
             flat = {
                 k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in settings.items()
             }
-            init = {"wandb": {"dir": str(folder), "name": config.effective_output_name}}
+            init = {"wandb": {"dir": str(folder), "name": config.output_name}}
             accelerator.init_trackers(config.log_tracker_name, config=flat, init_kwargs=init)
             self.wandb = accelerator.get_tracker("wandb", unwrap=True)
 
@@ -65,20 +79,41 @@ class RunLog:
         if self.tensorboard is not None:
             self.tensorboard.add_image(name, image, step, dataformats="HWC")
         if self.wandb is not None:
-            import wandb
+            import wandb  # optional package, present when log_with names it (checked before training)
 
             self.wandb.log({name: wandb.Image(image)}, step=step)
 
-    def add_hparams(self, settings: dict, metrics: dict[str, float]) -> None:
-        """The run's settings with its final metrics (TensorBoard's HPARAMS tab; the wandb run summary)."""
+    def log_step(self, step: int, loss: float, param_groups: list[dict], done: int, elapsed: float, batch: int):
+        """Per-step scalars: the loss, the learning rate of each optimizer group, throughput since this run
+        (re)started (`done` steps of `batch` samples in `elapsed` seconds, all processes), peak memory (this
+        process)."""
+        self.add_scalar("loss", loss, step)
+        for group in param_groups:
+            self.add_scalar(f"lr/{group['name']}", group["lr"], step)
+        elapsed = max(elapsed, 1e-9)
+        self.add_scalar("speed/steps_per_second", done / elapsed, step)
+        self.add_scalar("speed/samples_per_second", done * batch / elapsed, step)
+        self.add_scalar(*_peak_memory_scalar(), step)
+
+    def log_epoch_loss(self, epoch: int, step: int, loss: float) -> None:
+        """Adds a step's loss to its epoch; when the epoch changed, logs `loss/epoch_mean` of the finished one."""
+        self._flush_epochs(step, keep=epoch)
+        self._epoch_losses.setdefault(epoch, []).append(loss)
+
+    def _flush_epochs(self, step: int, keep: int | None = None) -> None:
+        for finished in [epoch for epoch in self._epoch_losses if epoch != keep]:
+            losses = self._epoch_losses.pop(finished)
+            self.add_scalar("loss/epoch_mean", sum(losses) / len(losses), step)
+
+    def finish(self, config: TrainConfig, step: int, final_loss: float) -> None:
+        """Logs the last epoch's mean loss and the run's settings with its final loss (TensorBoard's HPARAMS tab,
+        to compare runs; the wandb run summary), then closes every backend."""
+        self._flush_epochs(step)
+        settings = {k: v for k, v in to_dict(config).items() if isinstance(v, (int, float, str, bool))}
+        metrics = {"hparam/final_loss": final_loss, "hparam/steps": step}
         if self.tensorboard is not None:
             self.tensorboard.add_hparams(settings, metrics, run_name=".")
-        if self.wandb is not None:
-            self.wandb.summary.update(metrics)
-
-    def close(self) -> None:
-        """Flushes and closes every backend."""
-        if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:
+            self.wandb.summary.update(metrics)
             self.accelerator.end_training()

@@ -2,52 +2,50 @@
 
 Everything here works offline: the configs that diffusers needs to read a single-file checkpoint ship inside the
 package (`sdtune/base_configs/<family>/`), and the CLIP tokenizer is rebuilt from the BPE data that `open_clip_torch`
-ships (see `shared/OFFLINE.md`).
+ships (see `shared/OFFLINE.md`). What differs between families comes from their records in `sdtune.families`.
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
+import inspect
 import json
 import os
 import re
-import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdtune import ldm_layout
+from sdtune import atomic, checkpoint_keys, families
+from sdtune.errors import SdtuneError
+from sdtune.families import Family
 
-FAMILY_NAMES = {
-    "sd1": "Stable Diffusion 1.x",
-    "sd2": "Stable Diffusion 2.x",
-    "sdxl": "SDXL base",
-    "sdxl_refiner": "SDXL refiner",
-    "sd3": "Stable Diffusion 3.x",
-    "flux": "FLUX",
-}
-SUPPORTED_FAMILIES = ("sd1",)
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 EMBEDDED_CONFIG_KEY = "sdtune.diffusers_config"
 _TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 
-class ModelError(Exception):
+class ModelError(SdtuneError):
     """A base model that sdtune cannot load: wrong kind of file, unsupported family, mismatching config."""
 
 
 @dataclass
 class BaseModel:
-    """The components of a loaded Stable Diffusion base model and where they came from."""
+    """The components of a loaded Stable Diffusion base model, its family and where it came from.
 
-    family: str
-    tokenizer: object
-    text_encoder: torch.nn.Module
+    `tokenizers` and `text_encoders` are keyed by the family's pipeline attribute names (`tokenizer`,
+    `text_encoder`; SDXL adds `tokenizer_2`, `text_encoder_2`), in the family's order.
+    """
+
+    family: Family
+    tokenizers: dict[str, object]
+    text_encoders: dict[str, torch.nn.Module]
     unet: torch.nn.Module
     vae: torch.nn.Module
     scheduler_config: dict
@@ -60,23 +58,65 @@ class BaseModel:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
     @property
+    def tokenizer(self):
+        """The first tokenizer (SD1.x has only this one)."""
+        return self.tokenizers[self.family.text_encoders[0].tokenizer]
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        """The first text encoder (SD1.x has only this one)."""
+        return self.text_encoders[self.family.text_encoders[0].component]
+
+    @property
+    def text_widths(self) -> tuple[int, ...]:
+        """Widths of the text encoders' token embeddings, in the family's order (768 for SD1.x)."""
+        return tuple(encoder.get_input_embeddings().weight.shape[1] for encoder in self.text_encoders.values())
+
+    @property
     def text_width(self) -> int:
-        """Width of the text encoder's token embeddings (768 for SD1.x)."""
-        return self.text_encoder.get_input_embeddings().weight.shape[1]
+        """Width of the first text encoder's token embeddings (768 for SD1.x)."""
+        return self.text_widths[0]
+
+    @property
+    def components(self) -> dict[str, object]:
+        """Every component by its diffusers pipeline attribute name (what a pipeline is built from)."""
+        return {**self.tokenizers, **self.text_encoders, "unet": self.unet, "vae": self.vae}
+
+    def adaptable(self) -> dict[str, torch.nn.Module]:
+        """The modules a LoRA can adapt, by component name: the UNet and every text encoder."""
+        return {"unet": self.unet, **self.text_encoders}
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device, clip_skip: int = 1) -> torch.Tensor:
-    """Text-encoder states for the UNet: the last layer's (clip_skip 1), or with kohya/A1111's `clip_skip` N the N-th
-    layer from the end through the final layer norm. (diffusers' own `clip_skip`, which counts one less, reads
-    `text_encoder.text_model`, a level transformers 5 no longer has, so sdtune computes it here.)"""
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
-    if clip_skip == 1:
-        return text_encoder(ids)[0]
-    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
-    model = getattr(text_encoder, "module", text_encoder)  # unwrapped from multi-process wrappers
-    return getattr(model, "text_model", model).final_layer_norm(hidden)
+def encode_prompts(family: Family, parts: Mapping, prompts: list[str], device, clip_skip: int = 1) -> torch.Tensor:
+    """Text-encoder states for the UNet: per text encoder of the family the hidden state it feeds the UNet, with
+    kohya/A1111's `clip_skip` N taking the layer N-1 earlier, concatenated along the width (one encoder: as is).
+
+    Args:
+        family: The base model's family (which encoders, which layer, whether through the final LayerNorm).
+        parts: Tokenizers and text encoders by pipeline attribute name (`BaseModel.components`, a pipeline's
+            `components`, or a training run's wrapped encoders).
+        prompts: The prompts, already expanded (placeholder tokens).
+        device: Where the token ids go.
+        clip_skip: 1 = the family's layer (SD1.x: the last one, through the final LayerNorm). diffusers' own
+            `clip_skip` counts one less and reads `text_encoder.text_model`, a level transformers 5 no longer has,
+            so sdtune computes it here.
+    """
+    states = []
+    for spec in family.text_encoders:
+        tokenizer, encoder = parts[spec.tokenizer], parts[spec.component]
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+        layer = spec.hidden_layer - (clip_skip - 1)
+        if layer == -1 and spec.final_layer_norm:
+            states.append(encoder(ids)[0])  # last_hidden_state: the last layer through the final LayerNorm
+            continue
+        hidden = encoder(ids, output_hidden_states=True).hidden_states[layer]
+        if spec.final_layer_norm:
+            model = getattr(encoder, "module", encoder)  # unwrapped from multi-process wrappers
+            hidden = getattr(model, "text_model", model).final_layer_norm(hidden)
+        states.append(hidden)
+    return states[0] if len(states) == 1 else torch.cat(states, dim=-1)
 
 
 def cache_dir() -> Path:
@@ -84,12 +124,6 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("SDTUNE_CACHE_DIR") or Path.home() / ".cache" / "sdtune")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + f".tmp{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def clip_tokenizer_dir() -> Path:
@@ -103,30 +137,35 @@ def clip_tokenizer_dir() -> Path:
     folder = cache_dir() / "clip_tokenizer"
     if all((folder / name).is_file() for name in _TOKENIZER_FILES):
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
     with gzip.open(default_bpe()) as handle:
         lines = handle.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]  # line 0 is a header; 48,894 merges follow
     byte_chars = list(bytes_to_unicode().values())
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    _write_atomic_text(folder / "vocab.json", json.dumps({token: i for i, token in enumerate(vocab)}))
-    _write_atomic_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+    atomic.write_text(folder / "vocab.json", json.dumps({token: i for i, token in enumerate(vocab)}))
+    atomic.write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     return folder
 
 
-def build_clip_tokenizer():
-    """The SD1.x CLIP tokenizer (pads with `<|endoftext|>`), built offline."""
+def build_clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """The CLIP tokenizer, built offline, padding with `pad_token` (OpenAI CLIP's `<|endoftext|>`, or OpenCLIP's
+    `!`: see the family's `TextEncoder.pad_token`)."""
     from transformers import CLIPTokenizer
 
     folder = clip_tokenizer_dir()
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77, pad_token=pad_token
+    )
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash of a tokenizer's vocabulary and padding token: equal fingerprints tokenize identically."""
-    payload = json.dumps({"vocab": tokenizer.get_vocab(), "pad": tokenizer.pad_token}, sort_keys=True)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+def tokenizer_fingerprint(*tokenizers) -> str:
+    """A short hash of the tokenizers' vocabularies and padding tokens: equal fingerprints tokenize identically."""
+    prints = []
+    for tokenizer in tokenizers:
+        payload = json.dumps({"vocab": tokenizer.get_vocab(), "pad": tokenizer.pad_token}, sort_keys=True)
+        prints.append(hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16])
+    return prints[0] if len(prints) == 1 else hashlib.sha256(",".join(prints).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,54 +211,60 @@ def _has_prefix(keys, prefix: str) -> bool:
     return any(key.startswith(prefix) for key in keys)
 
 
+def _not_a_base_model(keys, path: Path) -> str | None:
+    """What a file that is not a whole base model is (a LoRA, an embedding, a VAE, one diffusers component)."""
+    if _has_prefix(keys, families.KOHYA_UNET_PREFIX) or any(".lora_down." in k or ".lora_A." in k for k in keys):
+        return f"base_model: {path} is a LoRA file, not a base model. Point base_model at a checkpoint."
+    if any(key in keys for key in (*families.embedding_keys(), "string_to_param")):
+        return f"base_model: {path} is a textual inversion embedding, not a base model."
+    if _has_prefix(keys, "encoder.down.") or _has_prefix(keys, "decoder.up."):
+        return f"base_model: {path} is a VAE, not a full base model."
+    if _has_prefix(keys, "down_blocks.") or _has_prefix(keys, "conv_in."):
+        return (
+            f"base_model: {path} holds one diffusers component, not a whole model; "
+            "point base_model at the diffusers folder (the one with model_index.json) instead."
+        )
+    return None
+
+
 def detect_family_from_keys(shapes: dict[str, tuple[int, ...]], path: Path) -> str:
     """Names the model family of an original-layout checkpoint from its keys and shapes.
 
     Raises:
         ModelError: The file is not a Stable Diffusion base model (a LoRA, an embedding, a VAE, ...).
     """
-    keys = shapes.keys()
-    if _has_prefix(keys, "lora_") or any(".lora_down." in key or ".lora_A." in key for key in keys):
-        raise ModelError(f"base_model: {path} is a LoRA file, not a base model. Point base_model at a checkpoint.")
-    if "emb_params" in keys or "string_to_param" in keys or "clip_l" in keys:
-        raise ModelError(f"base_model: {path} is a textual inversion embedding, not a base model.")
-    if _has_prefix(keys, "model.diffusion_model.joint_blocks.") or _has_prefix(keys, "joint_blocks."):
-        return "sd3"
-    if _has_prefix(keys, "model.diffusion_model.double_blocks.") or _has_prefix(keys, "double_blocks."):
-        return "flux"
-    if _has_prefix(keys, "conditioner.embedders.1."):
-        return "sdxl"
-    if _has_prefix(keys, "conditioner.embedders.0.model."):
-        return "sdxl_refiner"
-    if _has_prefix(keys, "model.diffusion_model."):
-        if _has_prefix(keys, "cond_stage_model.model."):
-            return "sd2"
-        if _has_prefix(keys, ldm_layout.TEXT_ENCODER_PREFIX):
-            return _check_plain_unet(shapes, path, "sd1")
+    keys = list(shapes)
+    signature = families.from_checkpoint_keys(keys)
+    if signature is None:
+        problem = _not_a_base_model(keys, path)
+        if problem:
+            raise ModelError(problem)
+    if signature is None and _has_prefix(keys, checkpoint_keys.UNET_PREFIX):
+        expected = "; ".join(
+            f"{family.text_encoders[0].checkpoint_prefix}* for {family.title}" for family in families.FAMILIES.values()
+        )
         raise ModelError(
             f"base_model: {path} has a Stable Diffusion UNet but no text encoder sdtune recognises "
-            "(expected cond_stage_model.transformer.text_model.* for SD1.x)."
+            f"(expected {expected})."
         )
-    if _has_prefix(keys, "encoder.down.") or _has_prefix(keys, "decoder.up."):
-        raise ModelError(f"base_model: {path} is a VAE, not a full base model.")
-    if _has_prefix(keys, "down_blocks.") or _has_prefix(keys, "conv_in."):
+    if signature is None:
+        sample = ", ".join(sorted(keys)[:3]) or "no tensors"
         raise ModelError(
-            f"base_model: {path} holds one diffusers component, not a whole model; "
-            "point base_model at the diffusers folder (the one with model_index.json) instead."
+            f"base_model: {path} is not a Stable Diffusion checkpoint sdtune recognises (keys: {sample})."
         )
-    sample = ", ".join(sorted(keys)[:3]) or "no tensors"
-    raise ModelError(f"base_model: {path} is not a Stable Diffusion checkpoint sdtune recognises (keys: {sample}).")
+    if families.get(signature.name):
+        _check_plain_unet(shapes, path, signature.title)
+    return signature.name
 
 
-def _check_plain_unet(shapes: dict[str, tuple[int, ...]], path: Path, family: str) -> str:
-    in_channels = shapes.get("model.diffusion_model.input_blocks.0.0.weight", (0, 4))[1]
+def _check_plain_unet(shapes: dict[str, tuple[int, ...]], path: Path, title: str) -> None:
+    in_channels = shapes.get(checkpoint_keys.UNET_PREFIX + "input_blocks.0.0.weight", (0, 4))[1]
     if in_channels != 4:
         kind = {9: "an inpainting", 8: "an instruct-pix2pix"}.get(in_channels, f"a {in_channels}-channel")
         raise ModelError(
-            f"base_model: {path} is {kind} {FAMILY_NAMES[family]} model (UNet input channels {in_channels}); "
+            f"base_model: {path} is {kind} {title} model (UNet input channels {in_channels}); "
             "sdtune trains on text-to-image models with 4 latent input channels."
         )
-    return family
 
 
 def detect_family_from_folder(path: Path) -> str:
@@ -235,33 +280,32 @@ def detect_family_from_folder(path: Path) -> str:
             "Point base_model at a diffusers folder or a single .safetensors checkpoint."
         )
     pipeline_class = json.loads(index_path.read_text(encoding="utf-8")).get("_class_name", "")
-    if pipeline_class.startswith("StableDiffusionXL"):
-        return "sdxl"
-    if pipeline_class.startswith("StableDiffusion3"):
-        return "sd3"
-    if pipeline_class.startswith("Flux"):
-        return "flux"
-    if pipeline_class != "StableDiffusionPipeline":
+    text_config_path = path / "text_encoder" / "config.json"
+    text_config = json.loads(text_config_path.read_text(encoding="utf-8")) if text_config_path.is_file() else None
+    signature = families.from_pipeline(pipeline_class, text_config)
+    if signature is None:
         raise ModelError(f"base_model: {path} is a {pipeline_class or 'unknown'} pipeline, not Stable Diffusion.")
-    text_config = json.loads((path / "text_encoder" / "config.json").read_text(encoding="utf-8"))
-    # SD2.x's OpenCLIP-H text encoder is stored as a CLIPTextModel too; it is the one with plain GELU (and width 1024).
-    if text_config.get("hidden_act") == "gelu" or text_config.get("hidden_size") == 1024:
-        return "sd2"
-    return "sd1"
+    return signature.name
 
 
-def require_supported(family: str, path: Path) -> None:
-    """Raises ModelError naming the family when sdtune cannot train on it yet."""
-    if family not in SUPPORTED_FAMILIES:
-        supported = ", ".join(FAMILY_NAMES[name] for name in SUPPORTED_FAMILIES)
+def require_supported(name: str, path: Path) -> Family:
+    """The record of a family sdtune trains on.
+
+    Raises:
+        ModelError: Naming the family, when sdtune cannot train on it yet.
+    """
+    family = families.get(name)
+    if family is None:
         raise ModelError(
-            f"base_model: {path} is a {FAMILY_NAMES.get(family, family)} model, which this version of sdtune does not "
-            f"support yet (supported: {supported})."
+            f"base_model: {path} is a {families.title(name)} model, which this version of sdtune does not "
+            f"support yet (supported: {families.supported_titles()})."
         )
+    return family
 
 
-def detect_family(path: Path) -> str:
-    """Family of the base model at `path` (a diffusers folder or a single-file checkpoint)."""
+def detect_family(path: str | os.PathLike) -> str:
+    """Family name (`sd1`, ...) of the base model at `path` (a diffusers folder or a single-file checkpoint)."""
+    path = Path(path)
     if path.is_dir():
         return detect_family_from_folder(path)
     return detect_family_from_keys(read_checkpoint_header(path)[0], path)
@@ -290,124 +334,120 @@ def load_base_model(path: str | os.PathLike, config_dir: str | os.PathLike | Non
     if not path.exists():
         raise ModelError(f"base_model: {path} does not exist.")
     if path.is_dir():
-        family = detect_family_from_folder(path)
-        require_supported(family, path)
-        components = _load_folder_components(path)
+        family = require_supported(detect_family_from_folder(path), path)
+        components = _load_folder_components(path, family)
     else:
         shapes, metadata = read_checkpoint_header(path)
-        family = detect_family_from_keys(shapes, path)
-        require_supported(family, path)
+        family = require_supported(detect_family_from_keys(shapes, path), path)
         folder = Path(config_dir) if config_dir else _config_dir_for(metadata, family)
-        _check_config_matches(shapes, folder, path)
-        components = _load_single_file_components(path, folder)
-    for module in (components["text_encoder"], components["unet"], components["vae"]):
+        _check_config_matches(shapes, folder, path, family)
+        components = _load_single_file_components(path, folder, family)
+    for module in (*components["text_encoders"].values(), components["unet"], components["vae"]):
         module.requires_grad_(False)
         module.eval()
     return BaseModel(family=family, source=path, name=path.stem if path.is_file() else path.name, **components)
 
 
-def _load_folder_components(path: Path) -> dict:
+def _load_folder_components(path: Path, family: Family) -> dict:
     import diffusers
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler_file.read_text(encoding="utf-8"))
     scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", ""), diffusers.DDPMScheduler)
     return {
-        "tokenizer": CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
+        "tokenizers": {
+            spec.tokenizer: transformers.CLIPTokenizer.from_pretrained(path / spec.tokenizer, local_files_only=True)
+            for spec in family.text_encoders
+        },
         # float32 whatever the files hold (fp16 releases are common): training keeps full-precision weights.
-        "text_encoder": CLIPTextModel.from_pretrained(
-            path / "text_encoder", local_files_only=True, dtype=torch.float32
-        ),
+        "text_encoders": {
+            spec.component: getattr(transformers, spec.model_class).from_pretrained(
+                path / spec.component, local_files_only=True, dtype=torch.float32
+            )
+            for spec in family.text_encoders
+        },
         "unet": UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True, torch_dtype=torch.float32),
         "vae": AutoencoderKL.from_pretrained(path / "vae", local_files_only=True, torch_dtype=torch.float32),
         "scheduler_config": dict(scheduler_class.from_config(scheduler_config).config),
     }
 
 
-def _load_single_file_components(path: Path, config_folder: Path) -> dict:
-    from diffusers import StableDiffusionPipeline
+def without_safety_checker(pipeline_class) -> dict:
+    """The arguments that leave out a pipeline's safety checker, for the pipeline classes that have one."""
+    accepted = inspect.signature(pipeline_class.__init__).parameters
+    wanted = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    return {name: value for name, value in wanted.items() if name in accepted}
 
-    pipeline = StableDiffusionPipeline.from_single_file(
-        str(path),
-        config=str(config_folder),
-        local_files_only=True,
-        safety_checker=None,
-        feature_extractor=None,
-        torch_dtype=torch.float32,
+
+def _load_single_file_components(path: Path, config_folder: Path, family: Family) -> dict:
+    import diffusers
+
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    options = without_safety_checker(pipeline_class)
+    options.pop("requires_safety_checker", None)  # a constructor flag; from_single_file takes components only
+    pipeline = pipeline_class.from_single_file(
+        str(path), config=str(config_folder), local_files_only=True, torch_dtype=torch.float32, **options
     )
     return {
-        "tokenizer": pipeline.tokenizer,
-        "text_encoder": pipeline.text_encoder,
+        "tokenizers": {spec.tokenizer: getattr(pipeline, spec.tokenizer) for spec in family.text_encoders},
+        "text_encoders": {spec.component: getattr(pipeline, spec.component) for spec in family.text_encoders},
         "unet": pipeline.unet,
         "vae": pipeline.vae,
         "scheduler_config": dict(pipeline.scheduler.config),
     }
 
 
-def _config_dir_for(metadata: dict[str, str], family: str) -> Path:
-    """A diffusers config folder (configs + tokenizer, no weights) for a single-file checkpoint, built in the cache."""
+def _config_dir_for(metadata: dict[str, str], family: Family) -> Path:
+    """A diffusers config folder (configs and tokenizers, no weights) for a single-file checkpoint, in the cache."""
     if EMBEDDED_CONFIG_KEY in metadata:
         configs = json.loads(metadata[EMBEDDED_CONFIG_KEY])
     else:
-        configs = _shipped_configs(family)
+        configs = families.shipped_configs(family)
     digest = hashlib.sha256(json.dumps(configs, sort_keys=True).encode("utf-8")).hexdigest()[:16]
-    folder = cache_dir() / "configs" / f"{family}-{digest}"
+    folder = cache_dir() / "configs" / f"{family.name}-{digest}"
     if not (folder / "model_index.json").is_file():
-        _write_config_folder(folder, configs)
+        _write_config_folder(folder, configs, family)
     return folder
 
 
-def _shipped_configs(family: str) -> dict:
-    root = resources.files("sdtune") / "base_configs" / family
-    configs = {"model_index": json.loads((root / "model_index.json").read_text(encoding="utf-8"))}
-    for component, file_name in _CONFIG_FILES.items():
-        configs[component] = json.loads((root / component / file_name).read_text(encoding="utf-8"))
-    return configs
+def _write_config_folder(folder: Path, configs: dict, family: Family) -> None:
+    with atomic.atomic_dir(folder) as staging:
+        for component, file_name in families.config_files(family).items():
+            (staging / component).mkdir()
+            (staging / component / file_name).write_text(json.dumps(configs[component], indent=2), encoding="utf-8")
+        (staging / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2), encoding="utf-8")
+        for spec in family.text_encoders:
+            build_clip_tokenizer(spec.pad_token).save_pretrained(staging / spec.tokenizer)
 
 
-_CONFIG_FILES = {
-    "unet": "config.json",
-    "vae": "config.json",
-    "text_encoder": "config.json",
-    "scheduler": "scheduler_config.json",
-}
+def _text_encoder_layers(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
+    layers = {m.group(1) for key in shapes if (m := re.match(r"encoder\.layers\.(\d+)\.", key.removeprefix(prefix)))}
+    return len(layers)
 
 
-def _write_config_folder(folder: Path, configs: dict) -> None:
-    staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    for component, file_name in _CONFIG_FILES.items():
-        (staging / component).mkdir(parents=True)
-        (staging / component / file_name).write_text(json.dumps(configs[component], indent=2), encoding="utf-8")
-    (staging / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2), encoding="utf-8")
-    build_clip_tokenizer().save_pretrained(staging / "tokenizer")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
-
-
-def _check_config_matches(shapes: dict[str, tuple[int, ...]], folder: Path, path: Path) -> None:
-    """Compares a checkpoint's widths with its config, so a mismatch gets a clear message instead of a shape error."""
+def _check_config_matches(shapes: dict[str, tuple[int, ...]], folder: Path, path: Path, family: Family) -> None:
+    """Compares a checkpoint's widths with its config, so a mismatch gets a clear message instead of a shape error.
+    (The first text encoder is compared: its layout is CLIP's in every family's single files.)"""
+    text = family.text_encoders[0]
     unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
-    text = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+    text_config = json.loads((folder / text.component / "config.json").read_text(encoding="utf-8"))
     found = {
-        "UNet width": shapes.get(ldm_layout.UNET_PREFIX + "input_blocks.0.0.weight", (None,))[0],
+        "UNet width": shapes.get(checkpoint_keys.UNET_PREFIX + "input_blocks.0.0.weight", (None,))[0],
         "cross-attention width": next(
             (shape[1] for key, shape in shapes.items() if key.endswith("attn2.to_k.weight")), None
         ),
-        "text encoder width": shapes.get(
-            ldm_layout.TEXT_ENCODER_PREFIX + "embeddings.token_embedding.weight", (None, None)
-        )[1],
-        "text encoder layers": len(
-            {m.group(1) for key in shapes if (m := re.search(r"text_model\.encoder\.layers\.(\d+)\.", key))}
-        ),
+        "text encoder width": shapes.get(text.checkpoint_prefix + "embeddings.token_embedding.weight", (None, None))[
+            1
+        ],
+        "text encoder layers": _text_encoder_layers(shapes, text.checkpoint_prefix),
     }
     expected = {
         "UNet width": unet["block_out_channels"][0],
         "cross-attention width": unet["cross_attention_dim"],
-        "text encoder width": text["hidden_size"],
-        "text encoder layers": text["num_hidden_layers"],
+        "text encoder width": text_config["hidden_size"],
+        "text encoder layers": text_config["num_hidden_layers"],
     }
     mismatches = [
         f"{name} {found[name]} (config: {expected[name]})" for name in expected if found[name] != expected[name]
@@ -419,8 +459,9 @@ def _check_config_matches(shapes: dict[str, tuple[int, ...]], folder: Path, path
         )
 
 
-def load_tokenizer(path: str | os.PathLike, config_dir: str | os.PathLike | None = None):
-    """The base model's tokenizer alone (cheap: no weights load), after checking that the family is supported.
+def read_base(path: str | os.PathLike, config_dir: str | os.PathLike | None = None) -> tuple[Family, dict]:
+    """The base model's family and tokenizers (by pipeline attribute name), without its weights (cheap), after
+    checking that the family is supported.
 
     Raises:
         ModelError: Missing path, unknown or unsupported model.
@@ -431,13 +472,16 @@ def load_tokenizer(path: str | os.PathLike, config_dir: str | os.PathLike | None
     if not path.exists():
         raise ModelError(f"base_model: {path} does not exist.")
     if path.is_dir():
-        require_supported(detect_family_from_folder(path), path)
-        return CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-    shapes, metadata = read_checkpoint_header(path)
-    family = detect_family_from_keys(shapes, path)
-    require_supported(family, path)
-    folder = Path(config_dir) if config_dir else _config_dir_for(metadata, family)
-    return CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        family, folder = require_supported(detect_family_from_folder(path), path), path
+    else:
+        shapes, metadata = read_checkpoint_header(path)
+        family = require_supported(detect_family_from_keys(shapes, path), path)
+        folder = Path(config_dir) if config_dir else _config_dir_for(metadata, family)
+    tokenizers = {
+        spec.tokenizer: CLIPTokenizer.from_pretrained(folder / spec.tokenizer, local_files_only=True)
+        for spec in family.text_encoders
+    }
+    return family, tokenizers
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -476,7 +520,7 @@ def base_model_sha256(path: Path) -> str:
             digest.update(f"{relative}\0{file_sha256(file)}\n".encode())
         value = digest.hexdigest()
     cache[str(path)] = {"stamp": stamp, "sha256": value}
-    _write_atomic_text(cache_file, json.dumps(cache, indent=1))
+    atomic.write_text(cache_file, json.dumps(cache, indent=1))
     return value
 
 
@@ -527,30 +571,34 @@ TINY_CONFIGS = {
         "layer_norm_eps": 1e-05,
     },
 }
-PRESETS = ("tiny", "sd15")
+PRESETS = {"tiny": families.SD1, "sd15": families.SD1}  # preset -> the family whose published configs it starts from
 
 
 def preset_configs(preset: str) -> dict:
     """The component configs of a base-model preset: `tiny` (about 2 M parameters) or `sd15` (SD1.5's shapes)."""
     if preset not in PRESETS:
         raise ModelError(f"preset {preset!r} is not one of {', '.join(PRESETS)}.")
-    configs = _shipped_configs("sd1")
+    configs = families.shipped_configs(PRESETS[preset])
     if preset == "tiny":
-        configs.update(json.loads(json.dumps(TINY_CONFIGS)))
+        configs.update(copy.deepcopy(TINY_CONFIGS))
     return configs
 
 
 def build_components(preset: str = "tiny", seed: int = 0) -> dict:
-    """Random-weight SD1-family components (tokenizer, text encoder, UNet, VAE, scheduler config) for a preset."""
+    """Random-weight components of a preset (its tokenizers and text encoders under their pipeline attribute names,
+    `unet`, `vae`, `scheduler_config`, `configs`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     configs = preset_configs(preset)
     torch.manual_seed(seed)
-    text_config = {k: v for k, v in configs["text_encoder"].items() if k not in ("architectures", "model_type")}
+    components = {}
+    for spec in PRESETS[preset].text_encoders:
+        text_config = {k: v for k, v in configs[spec.component].items() if k not in ("architectures", "model_type")}
+        components[spec.tokenizer] = build_clip_tokenizer(spec.pad_token)
+        components[spec.component] = CLIPTextModel(CLIPTextConfig(**text_config))
     return {
-        "tokenizer": build_clip_tokenizer(),
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**text_config)),
+        **components,
         "unet": UNet2DConditionModel.from_config(configs["unet"]),
         "vae": AutoencoderKL.from_config(configs["vae"]),
         "scheduler_config": configs["scheduler"],
@@ -565,7 +613,7 @@ def write_base_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Writes a random-weight SD1-family base model as a diffusers folder and/or a single-file checkpoint.
+    """Writes a random-weight base model of a preset as a diffusers folder and/or a single-file checkpoint.
 
     Args:
         folder: Where to write the diffusers folder (None: do not write one).
@@ -575,8 +623,18 @@ def write_base_model(
         dtype: Dtype of the weights in the checkpoint file.
     """
     components = build_components(preset, seed)
-    # A checkpoint with SD1.5's shapes loads with the shipped config, like any real one; others carry theirs.
-    save_base_model(components, folder, checkpoint, dtype=dtype, embed_config=preset != "sd15")
+    # A checkpoint with published shapes loads with the shipped config, like any real one; others carry theirs.
+    save_base_model(components, folder, checkpoint, dtype=dtype, embed_config=preset == "tiny")
+
+
+def family_of_configs(configs: dict) -> Family:
+    """The family a set of component configs (`model_index`, `text_encoder`, ...) describes.
+
+    Raises:
+        ModelError: Configs of a family sdtune does not train on.
+    """
+    signature = families.from_pipeline(configs["model_index"].get("_class_name", ""), configs.get("text_encoder"))
+    return require_supported(signature.name if signature else "unknown", Path("configs"))
 
 
 def save_base_model(
@@ -586,49 +644,45 @@ def save_base_model(
     dtype: torch.dtype = torch.float32,
     embed_config: bool = True,
 ) -> None:
-    """Saves SD1-family components as a diffusers folder and/or an original-layout single-file checkpoint.
+    """Saves components as a diffusers folder and/or an original-layout single-file checkpoint.
 
     Args:
-        components: `tokenizer`, `text_encoder`, `unet`, `vae`, `scheduler_config`, and `configs` (the component
-            configs as plain dicts, plus `model_index`).
+        components: Tokenizers and text encoders under their pipeline attribute names, `unet`, `vae`,
+            `scheduler_config`, and `configs` (the component configs as plain dicts, plus `model_index`, which with
+            the text-encoder config names the family).
         folder: Diffusers folder to write (None: none).
         checkpoint: `.safetensors` checkpoint to write (None: none).
         dtype: Dtype of the saved weights (both outputs).
         embed_config: Record the configs in the checkpoint's header, so it loads without a config folder.
     """
+    family = family_of_configs(components["configs"])
     if folder is not None:
-        _write_folder(Path(folder), components, dtype)
+        _write_folder(Path(folder), components, dtype, family)
     if checkpoint is not None:
         state_dict = {
-            **ldm_layout.unet_to_ldm(components["unet"].state_dict(), components["configs"]["unet"]),
-            **ldm_layout.vae_to_ldm(components["vae"].state_dict(), components["configs"]["vae"]),
-            **ldm_layout.text_encoder_to_ldm(components["text_encoder"].state_dict()),
+            **checkpoint_keys.unet_to_ldm(components["unet"].state_dict(), components["configs"]["unet"]),
+            **checkpoint_keys.vae_to_ldm(components["vae"].state_dict(), components["configs"]["vae"]),
         }
+        for spec in family.text_encoders:
+            encoder_state = components[spec.component].state_dict()
+            state_dict.update(checkpoint_keys.text_encoder_to_ldm(encoder_state, spec.checkpoint_prefix))
         state_dict = {key: value.to(dtype).contiguous() for key, value in state_dict.items()}
         # default=str: configs of loaded models carry paths (`_name_or_path`), which JSON cannot hold as they are.
         metadata = {EMBEDDED_CONFIG_KEY: json.dumps(components["configs"], default=str)} if embed_config else {}
-        path = Path(checkpoint)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        save_file(state_dict, str(temporary), metadata=metadata)
-        os.replace(temporary, path)
+        with atomic.atomic_file(checkpoint, durable=True) as temporary:
+            save_file(state_dict, str(temporary), metadata=metadata)
 
 
-def _write_folder(folder: Path, components: dict, dtype: torch.dtype) -> None:
-    import copy
-
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name in ("unet", "vae", "text_encoder"):
-        module = components[name] if dtype == torch.float32 else copy.deepcopy(components[name]).to(dtype)
-        module.save_pretrained(staging / name)
-    components["tokenizer"].save_pretrained(staging / "tokenizer")
-    (staging / "scheduler").mkdir()
-    scheduler_text = json.dumps(components["scheduler_config"], indent=2)
-    (staging / "scheduler" / "scheduler_config.json").write_text(scheduler_text, encoding="utf-8")
-    model_index = json.dumps(components["configs"]["model_index"], indent=2)
-    (staging / "model_index.json").write_text(model_index, encoding="utf-8")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
+def _write_folder(folder: Path, components: dict, dtype: torch.dtype, family: Family) -> None:
+    with atomic.atomic_dir(folder, durable=True) as staging:
+        modules = ["unet", "vae", *(spec.component for spec in family.text_encoders)]
+        for name in modules:
+            module = components[name] if dtype == torch.float32 else copy.deepcopy(components[name]).to(dtype)
+            module.save_pretrained(staging / name)
+        for spec in family.text_encoders:
+            components[spec.tokenizer].save_pretrained(staging / spec.tokenizer)
+        (staging / "scheduler").mkdir()
+        scheduler_text = json.dumps(components["scheduler_config"], indent=2)
+        (staging / "scheduler" / "scheduler_config.json").write_text(scheduler_text, encoding="utf-8")
+        model_index = json.dumps(components["configs"]["model_index"], indent=2)
+        (staging / "model_index.json").write_text(model_index, encoding="utf-8")

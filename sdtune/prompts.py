@@ -13,6 +13,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors import safe_open
+
+from sdtune.errors import SdtuneError
 from sdtune.formats import FormatError
 
 LORA_TAG = re.compile(r"<lora:([^<>]*)>")
@@ -20,7 +23,7 @@ COMFY_EMBEDDING = re.compile(r"embedding:([^\s,()<>:]+)")
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
-class PromptError(ValueError):
+class PromptError(SdtuneError, ValueError):
     """A prompt tag that cannot be resolved or parsed."""
 
 
@@ -89,8 +92,6 @@ def _lora_aliases(path: Path) -> list[str]:
     """The names a LoRA file answers to: its stem and its `ss_output_name` (A1111's alias)."""
     names = [path.stem]
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt") as handle:
                 alias = (handle.metadata() or {}).get("ss_output_name")

@@ -33,7 +33,7 @@ TEXT_MODULES = tuple(  # kohya's text-encoder targets, for two layers
 
 def kohya_lora(base, path: Path, seed: int, names=UNET_MODULES + TEXT_MODULES, rank=2, alpha=1.0, metadata=None):
     """Writes a kohya-layout LoRA with random (non-zero) factors for `names`; returns {name: (down, up, alpha)}."""
-    key_map = formats.module_key_map(base.unet, base.text_encoder)
+    key_map = formats.module_key_map(base.family, base.adaptable())
     generator = torch.Generator().manual_seed(seed)
     tensors, factors = {}, {}
     for name in names:
@@ -50,7 +50,7 @@ def apply_reference(base, stack: list[tuple[dict, float, float]]):
     """Copies of the base's (unet, text_encoder) with `W + m * (alpha / r) * up @ down` added per LoRA (FORMATS.md),
     `stack` = [(factors, text_encoder_weight, unet_weight), ...]."""
     unet, text_encoder = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
-    key_map = formats.module_key_map(unet, text_encoder)
+    key_map = formats.module_key_map(base.family, {"unet": unet, "text_encoder": text_encoder})
     with torch.no_grad():
         for factors, text_encoder_weight, unet_weight in stack:
             for name, (down, up, alpha) in factors.items():

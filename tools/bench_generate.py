@@ -28,7 +28,7 @@ def write_random_lora(pipe: AdapterPipeline, path: Path, rank: int, seed: int) -
     """A kohya-layout LoRA with random factors on every UNet attention projection of the pipeline's base."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for key, (component, _, module) in formats.module_key_map(pipe.base.unet, pipe.base.text_encoder).items():
+    for key, (component, _, module) in formats.module_key_map(pipe.base.family, pipe.base.adaptable()).items():
         if component == "unet" and "_attn" in key:
             weight = module.weight
             tensors[key + formats.DOWN] = torch.randn(rank, weight.shape[1], generator=generator) * 0.01

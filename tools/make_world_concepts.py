@@ -5,7 +5,7 @@
 - `red_star`: a shape the base model never saw (outside its span: LoRA territory, TI's negative control).
 - `purple_triangle`: a shape and colour it knows, as one new word (inside its span: TI can learn it).
 Captions name the concept with a one-token placeholder, `a <star> on a blue background`. Training backgrounds are
-`sdtune.quality.TRAIN_BACKGROUNDS`; the others are kept for measuring editability.
+`world.quality.TRAIN_BACKGROUNDS`; the others are kept for measuring editability.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from sdtune import data, quality, world
+import world
+from sdtune import data
+from world import quality
 
 ROOT = Path(__file__).resolve().parent.parent / "sample_data" / "world"
 

@@ -1,4 +1,4 @@
-"""Trains the small SD1-architecture base model of the synthetic world (sdtune/world.py) from scratch, on CPU.
+"""Trains the small SD1-architecture base model of the synthetic world (tools/world/) from scratch, on CPU.
 
     python tools/pretrain_world.py --out sample_data/world-sd1
 
@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sdtune import models, quality, world
+import world
+from sdtune import models
+from world import quality
 
 CAPTION_TEMPLATE = "a {color} {shape} on a {background} background"
 NO_COLOR_TEMPLATE = "a {shape} on a {background} background"
@@ -264,7 +266,7 @@ personalization concepts. Components: the SD1 architecture in diffusers (Autoenc
 tokenizer. Weights in fp16. Files: this folder (diffusers layout) and `../world-sd1.safetensors` (original layout).
 
 Scores (fraction of generated images whose shape, colour and background are all right; DPM-Solver++ 20 steps,
-guidance 3, fixed seeds; the metric is `sdtune.world.score`):
+guidance 3, fixed seeds; the metric is `world.score` in sdtune's tools/world):
 
 {_score_table(scores)}
 

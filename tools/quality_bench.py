@@ -3,7 +3,7 @@
     python tools/quality_bench.py --out docs/quality
 
 Each method trains through the normal `sdtune train` command with its shipped config (`configs/world_<method>.yaml`),
-then the outputs are loaded with diffusers' own loaders and scored with the world metric (`sdtune.world`):
+then the outputs are loaded with diffusers' own loaders and scored with the world metric (`tools/world`):
 - fidelity: `a <concept> on a <background> background` on the training backgrounds,
 - editability: the same prompt on backgrounds no training image shows,
 - prior: base prompts (held-in and unseen combinations) that the personalization must not break.
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdtune import quality
+from world import quality
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("ti", "lora", "ti+lora")

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sdtune import formats
+from sdtune import families, formats
+from sdtune.config import ConfigError, TrainConfig
+from sdtune.families import Family
 
 ADAPTER = "default"
 _UNET_TRANSFORMER_CLASSES = ("Transformer2DModel",)
@@ -30,10 +32,10 @@ _TEXT_LAYER_CLASSES = ("CLIPEncoderLayer",)
 
 @dataclass
 class LoraPlan:
-    """Which modules get a LoRA, at which (rank, alpha), and optional starting factors (continuing a file)."""
+    """Which modules get a LoRA, at which (rank, alpha), per component (`unet`, the text encoders), and optional
+    starting factors (continuing a file)."""
 
-    unet: dict[str, tuple[int, float]] = field(default_factory=dict)
-    text_encoder: dict[str, tuple[int, float]] = field(default_factory=dict)
+    targets: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)
     initial: dict[str, formats.LoraModule] | None = None
 
 
@@ -98,7 +100,7 @@ def inject(model: nn.Module, targets: dict[str, tuple[int, float]]) -> list[nn.P
     Raises:
         ValueError: No targets, or a target path that is not a module of the model.
     """
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # peft takes seconds to import: not on `sdtune validate`
 
     if not targets:
         raise ValueError(f"no LoRA target modules were found in the {type(model).__name__}.")
@@ -144,12 +146,14 @@ def _lora_layers(model: nn.Module):
             yield path, module
 
 
-def extract(unet: nn.Module, text_encoder: nn.Module) -> dict[str, formats.LoraModule]:
-    """The current LoRA factors of both models under their kohya names (detached float32 CPU copies)."""
+def extract(family: Family, components: dict[str, nn.Module]) -> dict[str, formats.LoraModule]:
+    """The current LoRA factors of the components (`unet`, text encoders) under their kohya names (detached float32
+    CPU copies)."""
+    unet_config = getattr(components.get("unet"), "config", None)
     modules = {}
-    for component, key_of in ((unet, formats.unet_module_key), (text_encoder, formats.text_encoder_module_key)):
-        for path, layer in _lora_layers(component):
-            modules[key_of(path)] = formats.LoraModule(
+    for component, model in components.items():
+        for path, layer in _lora_layers(model):
+            modules[formats.lora_key(family, component, path, unet_config)] = formats.LoraModule(
                 down=layer.lora_A[ADAPTER].weight.detach().float().cpu().clone(),
                 up=layer.lora_B[ADAPTER].weight.detach().float().cpu().clone(),
                 alpha=float(layer.lora_alpha[ADAPTER]),
@@ -157,14 +161,18 @@ def extract(unet: nn.Module, text_encoder: nn.Module) -> dict[str, formats.LoraM
     return modules
 
 
-def load_factors(unet: nn.Module, text_encoder: nn.Module, modules: dict[str, formats.LoraModule]) -> None:
+def load_factors(family: Family, components: dict[str, nn.Module], modules: dict[str, formats.LoraModule]) -> None:
     """Copies factors (e.g. from a LoRA file) into already injected LoRA layers.
 
     Raises:
         ValueError: A module of the file has no injected layer, or an injected layer none in the file.
     """
-    layers = {formats.unet_module_key(p): m for p, m in _lora_layers(unet)}
-    layers.update({formats.text_encoder_module_key(p): m for p, m in _lora_layers(text_encoder)})
+    unet_config = getattr(components.get("unet"), "config", None)
+    layers = {
+        formats.lora_key(family, component, path, unet_config): layer
+        for component, model in components.items()
+        for path, layer in _lora_layers(model)
+    }
     if set(layers) != set(modules):
         raise ValueError(f"LoRA layers and file differ: {sorted(set(layers) ^ set(modules))[:5]}")
     with torch.no_grad():
@@ -180,7 +188,7 @@ def plan_from_modules(
     plan = LoraPlan(initial=modules)
     for key, lora in modules.items():
         component, path, _ = key_map[key]
-        getattr(plan, component)[path] = (lora.rank, lora.alpha)
+        plan.targets.setdefault(component, {})[path] = (lora.rank, lora.alpha)
     return plan
 
 
@@ -198,17 +206,19 @@ def _mismatch(name: str, wanted, found: set, path: Path) -> str | None:
     )
 
 
-def file_config_problems(path: Path, config) -> list[str]:
+def file_config_problems(path: Path, config: TrainConfig, family: Family) -> list[str]:
     """Reads a LoRA file to continue from and lists what contradicts the config (cheap: no model is loaded).
 
     Rank, alpha and the trained components come from the file; a config that sets them differently is an error.
     """
+    text_prefixes = tuple(encoder.kohya_prefix for encoder in family.text_encoders)
     if path.suffix != ".safetensors":
         return [f"network_weights: {path} is not a .safetensors file; sdtune continues from .safetensors LoRAs only."]
     try:
         tensors, _ = formats.read_safetensors(path)
         if not formats.is_kohya_lora(tensors):
-            return [f"network_weights: {path} is not a kohya-format LoRA (no lora_unet_* / lora_te_* keys)."]
+            names = " / ".join(f"{prefix}*" for prefix in (families.KOHYA_UNET_PREFIX, *text_prefixes))
+            return [f"network_weights: {path} is not a kohya-format LoRA (no {names} keys)."]
         modules = formats.parse_kohya_lora(tensors, path)
     except formats.FormatError as error:
         return [f"network_weights: {error}"]
@@ -222,69 +232,79 @@ def file_config_problems(path: Path, config) -> list[str]:
     ]
     if config.conv_rank is not None and not convs:
         problems.append(f"conv_rank: network_weights {path.name} has no LoCon convs; remove conv_rank.")
-    for flag, prefix in (("train_unet", formats.UNET_PREFIX), ("train_text_encoder", "lora_te_")):
-        present = any(key.startswith(prefix) for key in modules)
+    for flag, prefixes in (("train_unet", (families.KOHYA_UNET_PREFIX,)), ("train_text_encoder", text_prefixes)):
+        present = any(key.startswith(prefixes) for key in modules)
         if getattr(config, flag) is not None and getattr(config, flag) != present:
             problems.append(
                 f"{flag}: {str(getattr(config, flag)).lower()} but network_weights {path.name} "
-                f"{'has' if present else 'has no'} {prefix}* modules; remove {flag} (the file decides)."
+                f"{'has' if present else 'has no'} {' / '.join(p + '*' for p in prefixes)} modules; remove {flag} "
+                "(the file decides)."
             )
     return [problem for problem in problems if problem]
 
 
-def plan_for(config, unet: nn.Module, text_encoder: nn.Module) -> LoraPlan:
-    """The LoRA plan of a config: from `network_weights` when set, else from the presets.
+def plan_for(config: TrainConfig, family: Family, components: dict[str, nn.Module]) -> LoraPlan:
+    """The LoRA plan of a config for the components (`unet`, text encoders): from `network_weights` when set, else
+    from the presets.
 
     Raises:
         ConfigError: The file does not fit this base model, or a preset matched no module.
     """
-    from sdtune.config import ConfigError
-
     if config.network_weights:
-        path = Path(config.network_weights)
-        modules = formats.parse_kohya_lora(formats.read_safetensors(path)[0], path)
-        key_map = formats.module_key_map(unet, text_encoder)
-        problems = formats.lora_fit_problems(modules, key_map)
-        if not problems and config.lora_targets is not None:
-            plan = _preset_plan(config, unet, text_encoder, include_unet=True, include_text=True)
-            expected = {formats.unet_module_key(p) for p in plan.unet}
-            expected |= {formats.text_encoder_module_key(p) for p in plan.text_encoder}
-            if set(modules) - expected:
-                problems.append(
-                    f"lora_targets: {config.lora_targets!r} does not cover the file's modules "
-                    f"(e.g. {sorted(set(modules) - expected)[0]}); remove lora_targets (the file decides)"
-                )
-        if problems:
-            raise ConfigError(problems, f"network_weights {path}")
-        return plan_from_modules(modules, key_map)
-    plan = _preset_plan(
-        config, unet, text_encoder, config.train_unet is not False, config.train_text_encoder is not False
-    )
-    if not plan.unet and not plan.text_encoder:
+        return _file_plan(config, family, components)
+    plan = _preset_plan(config, components, config.train_unet is not False, config.train_text_encoder is not False)
+    if not any(plan.targets.values()):
         raise ConfigError(["lora_targets: matched no module of the base model."], "LoRA targets")
     return plan
 
 
-def _preset_plan(config, unet, text_encoder, include_unet: bool, include_text: bool) -> LoraPlan:
+def _file_plan(config: TrainConfig, family: Family, components: dict[str, nn.Module]) -> LoraPlan:
+    """The plan that recreates `network_weights`, after checking it fits the components and `lora_targets`."""
+    path = Path(config.network_weights)
+    modules = formats.parse_kohya_lora(formats.read_safetensors(path)[0], path)
+    key_map = formats.module_key_map(family, components)
+    problems = formats.lora_fit_problems(modules, key_map)
+    if not problems and config.lora_targets is not None:
+        preset = _preset_plan(config, components, include_unet=True, include_text=True)
+        unet_config = getattr(components.get("unet"), "config", None)
+        expected = {
+            formats.lora_key(family, component, module_path, unet_config)
+            for component, targets in preset.targets.items()
+            for module_path in targets
+        }
+        if set(modules) - expected:
+            problems.append(
+                f"lora_targets: {config.lora_targets!r} does not cover the file's modules "
+                f"(e.g. {sorted(set(modules) - expected)[0]}); remove lora_targets (the file decides)"
+            )
+    if problems:
+        raise ConfigError(problems, f"network_weights {path}")
+    return plan_from_modules(modules, key_map)
+
+
+def _preset_plan(config: TrainConfig, components: dict[str, nn.Module], include_unet: bool, include_text: bool):
     preset = config.lora_targets or "kohya"
     rank, alpha = config.effective_lora_rank, config.effective_lora_alpha
-    return LoraPlan(
-        unet=unet_targets(unet, preset, rank, alpha, config.conv) if include_unet else {},
-        text_encoder=text_encoder_targets(text_encoder, preset, rank, alpha) if include_text else {},
-    )
+    targets = {}
+    for component, model in components.items():
+        if component == "unet" and include_unet:
+            targets[component] = unet_targets(model, preset, rank, alpha, config.conv)
+        elif component != "unet" and include_text:
+            targets[component] = text_encoder_targets(model, preset, rank, alpha)
+    return LoraPlan(targets=targets)
 
 
 def _most_common(values: list):
     return max(set(values), key=values.count) if values else None
 
 
-def main_rank(unet: nn.Module, text_encoder: nn.Module) -> int | None:
+def main_rank(*models: nn.Module) -> int | None:
     """The rank most Linear / 1x1 layers use (what kohya records as `ss_network_dim`)."""
-    layers = [layer for model in (unet, text_encoder) for _, layer in _lora_layers(model)]
+    layers = [layer for model in models for _, layer in _lora_layers(model)]
     return _most_common([layer.r[ADAPTER] for layer in layers if _is_1x1(layer.get_base_layer())])
 
 
-def main_alpha(unet: nn.Module, text_encoder: nn.Module) -> float | None:
+def main_alpha(*models: nn.Module) -> float | None:
     """The alpha most Linear / 1x1 layers use (`ss_network_alpha`)."""
-    layers = [layer for model in (unet, text_encoder) for _, layer in _lora_layers(model)]
+    layers = [layer for model in models for _, layer in _lora_layers(model)]
     return _most_common([float(layer.lora_alpha[ADAPTER]) for layer in layers if _is_1x1(layer.get_base_layer())])

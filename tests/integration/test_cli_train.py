@@ -180,7 +180,7 @@ def test_validate_prints_the_step_arithmetic(tiny_base):
 
 
 def test_steps_plan_arithmetic(ti_config_dict):
-    from sdtune.train import steps_plan
+    from sdtune.preflight import steps_plan
 
     plan = parse_config({**ti_config_dict, "max_steps": None, "epochs": 5, "batch_size": 4})
     assert steps_plan(plan, 10) == (3, 15, 5)  # ceil(10/4) = 3 batches = 3 steps per epoch
@@ -190,7 +190,7 @@ def test_steps_plan_arithmetic(ti_config_dict):
 
 def test_placeholder_cut_off_by_the_77_token_limit_is_an_error(ti_config_dict, tmp_path, caplog):
     from sdtune.config import ConfigError
-    from sdtune.train import preflight
+    from sdtune.preflight import preflight
 
     data_dir = tmp_path / "data"
     shutil.copytree(REPO_ROOT / "sample_data" / "star", data_dir)

@@ -102,3 +102,31 @@ def test_a_file_from_another_checkpoint_needs_force(tiny_base, library, tmp_path
     assert cli.main([*command, "--force"]) == 0
     assert "loaded with force although it trained on finetune" in capsys.readouterr().err
     assert (tmp_path / "out" / "00000-1.png").is_file()
+
+
+def test_a_training_sample_grid_is_drawn_again_by_sdtune_generate(ti_lora_process_dict, tmp_path, capsys):
+    """The sample grid at the end of a TI+LoRA run, and `sdtune generate` with the command training prints (the saved
+    embedding and LoRA, the run's job file), give the same pixels: one generation path, CPU-seeded noise."""
+    import shlex
+
+    from sdtune import inference
+    from sdtune.config import parse_config
+    from sdtune.train import train
+
+    prompts = ["a red <star> on a blue background", "a <star>", "a photo of a cat"]
+    config = parse_config(
+        {**ti_lora_process_dict, "max_steps": 2, "batch_size": 2, "sample_prompts": prompts, "sample_steps": 4,
+         "sample_guidance_scale": 3.0, "output_dir": str(tmp_path / "run")}
+    )  # fmt: skip
+    result = train(config)
+    words = shlex.split(result.samples_command)
+    assert words[:2] == ["sdtune", "generate"] and str(tmp_path / "run" / "sample_prompts.yaml") in words
+    assert cli.main([*words[1:], "--out", str(tmp_path / "again")]) == 0
+    assert "wrote 3 file(s)" in capsys.readouterr().out
+    drawn = [Image.open(path).convert("RGB") for path in sorted((tmp_path / "again").glob("*.png"))]
+    assert [image.size for image in drawn] == [(32, 32)] * 3
+    regridded = inference.image_grid(drawn, columns=3, scale=4)  # as training lays out its 32 px samples
+    with Image.open(tmp_path / "run" / "samples" / "step00000002.png") as grid:
+        assert np.array_equal(np.asarray(grid.convert("RGB")), np.asarray(regridded))
+    with Image.open(tmp_path / "run" / "samples" / "step00000000.png") as before:
+        assert not np.array_equal(np.asarray(before.convert("RGB")), np.asarray(regridded))  # training changed them

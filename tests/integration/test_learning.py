@@ -1,7 +1,7 @@
 """Learning, not only running: personalizing the shipped world model moves the world metric the right way.
 
 A reduced budget of the quality benchmark (`tools/quality_bench.py`, `docs/quality.md`): the same configs, the same
-`sdtune train` path, the outputs loaded by diffusers' own loaders and scored by `sdtune.world`.
+`sdtune train` path, the outputs loaded by diffusers' own loaders and scored by the world metric (`tools/world`).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from sdtune import quality
 from sdtune.config import load_config
 from sdtune.train import train
+from world import quality
 
 WORLD_MODEL = REPO_ROOT / "sample_data" / "world-sd1"
 CONCEPT_DATA = REPO_ROOT / "sample_data" / "world"

@@ -16,7 +16,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdtune import checkpoint
+from sdtune import state
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_killed_and_interrupted_runs_resume_to_the_same_weights(config_file, tmp
         _command(config_file, resumed, "resume=latest"), resumed / "state" / "step-00000025", signal.SIGINT
     )
     assert interrupted == 130
-    saved = [p.name for p in checkpoint.list_states(resumed)]
+    saved = [p.name for p in state.list_states(resumed)]
     assert len(saved) <= 2 and saved[-1] >= "step-00000025"  # keep_last_n: 2; SIGINT saved where it stopped
     subprocess.run(_command(config_file, resumed, "resume=latest"), check=True, env=_env(), capture_output=True)
 

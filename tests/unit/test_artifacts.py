@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdtune import artifacts, cli, compat, formats, models
+from sdtune import cli, compat, formats, models
 
 
 def _kohya_sd15_attention_file(path, width=768):
@@ -29,13 +29,13 @@ def _kohya_sd15_attention_file(path, width=768):
 
 
 def test_third_party_kohya_lora_is_described_by_groups_and_family(tmp_path):
-    artifact = artifacts.read_artifact(_kohya_sd15_attention_file(tmp_path / "k.safetensors"))
+    artifact = formats.read_artifact(_kohya_sd15_attention_file(tmp_path / "k.safetensors"))
     assert (artifact.kind, artifact.layout, artifact.family) == ("lora", "kohya", "sd1")
-    groups = artifacts.lora_groups(artifact.lora_modules)
+    groups = formats.lora_groups(artifact.lora_modules)
     assert groups["unet attention"] == {"modules": 1, "ranks": {4}, "alphas": {2.0}}
     assert groups["text encoder mlp"]["modules"] == 1
     assert artifact.record == {}
-    sd2 = artifacts.read_artifact(_kohya_sd15_attention_file(tmp_path / "k2.safetensors", width=1024))
+    sd2 = formats.read_artifact(_kohya_sd15_attention_file(tmp_path / "k2.safetensors", width=1024))
     assert sd2.family == "sd2"
 
 
@@ -53,7 +53,7 @@ def test_embedding_layouts(tmp_path):
     }
     torch.save(a1111, tmp_path / "d.pt")
     found = {
-        p: artifacts.read_artifact(tmp_path / p) for p in ("a.safetensors", "b.safetensors", "c.safetensors", "d.pt")
+        p: formats.read_artifact(tmp_path / p) for p in ("a.safetensors", "b.safetensors", "c.safetensors", "d.pt")
     }
     assert [(a.layout, a.family) for a in found.values()] == [
         ("emb_params", "sd1"),
@@ -68,10 +68,10 @@ def test_embedding_layouts(tmp_path):
 def test_unknown_files_are_refused_clearly(tmp_path):
     save_file({"a": torch.zeros(2), "b": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(formats.FormatError, match="neither a LoRA nor an embedding layout"):
-        artifacts.read_artifact(tmp_path / "x.safetensors")
+        formats.read_artifact(tmp_path / "x.safetensors")
     (tmp_path / "y.txt").write_text("hi")
     with pytest.raises(formats.FormatError, match="unknown file type '.txt'"):
-        artifacts.read_artifact(tmp_path / "y.txt")
+        formats.read_artifact(tmp_path / "y.txt")
 
 
 def test_inspect_command_checks_fit_against_a_base(tiny_base, tmp_path, capsys):
@@ -87,7 +87,7 @@ def test_inspect_command_checks_fit_against_a_base(tiny_base, tmp_path, capsys):
     save_file(
         {name + ".lora_down.weight": torch.zeros(2, 32), name + ".lora_up.weight": torch.zeros(64, 2)}, str(fitting)
     )
-    assert compat.check_fit(artifacts.read_artifact(fitting), base).fits
+    assert compat.check_fit(formats.read_artifact(fitting), base).fits
     assert cli.main(["inspect", str(fitting), "--base", str(tiny_base["checkpoint"]), "--json"]) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out[: captured.out.rindex("}") + 1])
@@ -96,7 +96,7 @@ def test_inspect_command_checks_fit_against_a_base(tiny_base, tmp_path, capsys):
 
     embedding = tmp_path / "wide.safetensors"
     save_file({"emb_params": torch.zeros(2, 768)}, str(embedding))
-    problems = compat.check_fit(artifacts.read_artifact(embedding), base).blocking
+    problems = compat.check_fit(formats.read_artifact(embedding), base).blocking
     assert problems == ["embedding width 768, the base's text encoder takes 32"]
 
 
@@ -107,16 +107,14 @@ def test_diffusers_layout_loras_are_checked_by_keys_and_shapes(tiny_base, tmp_pa
     save_file(
         {f"{prefix}.lora_A.weight": torch.zeros(2, 32), f"{prefix}.lora_B.weight": torch.zeros(64, 2)}, str(path)
     )
-    artifact = artifacts.read_artifact(tmp_path)  # a diffusers LoRA folder
+    artifact = formats.read_artifact(tmp_path)  # a diffusers LoRA folder
     assert artifact.layout == "diffusers-peft"
     assert list(artifact.lora_modules) == ["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"]
     assert compat.check_fit(artifact, base).fits
     save_file(
         {f"{prefix}.lora_A.weight": torch.zeros(2, 768), f"{prefix}.lora_B.weight": torch.zeros(64, 2)}, str(path)
     )
-    assert (
-        "do not fit the module's weight (64, 32)" in compat.check_fit(artifacts.read_artifact(path), base).blocking[0]
-    )
+    assert "do not fit the module's weight (64, 32)" in compat.check_fit(formats.read_artifact(path), base).blocking[0]
     save_file({f"{prefix}.lora_A.weight": torch.zeros(2, 32)}, str(path))
     with pytest.raises(formats.FormatError, match="attn2_to_k lacks its lora_B weight"):
-        artifacts.read_artifact(path)
+        formats.read_artifact(path)

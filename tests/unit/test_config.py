@@ -93,11 +93,11 @@ def test_defaults_depend_on_method():
     ti = parse_config(
         {"base_model": "m", "train_data_dir": "d", "method": "ti", "placeholder_token": "<a-b>", "init_word": "x"}
     )
-    assert ti.effective_learning_rate == 5e-3
-    assert ti.effective_num_vectors == 1
-    assert ti.effective_output_name == "a-b"
+    assert ti.learning_rate == 5e-3
+    assert ti.num_vectors == 1
+    assert ti.output_name == "a-b"
     lora = parse_config({"base_model": "m", "train_data_dir": "d"})
-    assert lora.method == "lora" and lora.effective_learning_rate == 1e-4
+    assert lora.method == "lora" and lora.learning_rate == 1e-4
 
 
 def test_warmup_with_constant_schedule_is_an_error():
@@ -151,7 +151,7 @@ def test_config_reference_documents_every_field_and_docs_are_current():
 
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path, tiny_base, monkeypatch):
-    from sdtune.train import preflight
+    from sdtune.preflight import preflight
 
     monkeypatch.chdir(REPO_ROOT)
     text = path.read_text(encoding="utf-8")

@@ -10,7 +10,7 @@ from PIL import Image
 
 from sdtune import data
 from sdtune.config import ConfigError, parse_config
-from sdtune.train import steps_plan
+from sdtune.preflight import steps_plan
 
 
 def _image(path: Path, color=(200, 30, 30)) -> Path:

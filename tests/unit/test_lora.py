@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sdtune import export, formats, models
+from sdtune import export, families, formats, models
 from sdtune.config import ConfigError, parse_config
 from sdtune.methods import lora
 from sdtune.train import fit, setup
@@ -68,10 +68,11 @@ def test_kohya_preset_on_sd15_shapes_matches_kohya_module_counts():
     assert locon["down_blocks.1.resnets.0.conv_shortcut"] == (8, 8.0)  # 1x1 convs use the main rank
     assert locon["down_blocks.0.downsamplers.0.conv"] == (4, 2.0)
     assert locon["up_blocks.0.upsamplers.0.conv"] == (4, 2.0)
-    keys = {formats.unet_module_key(p) for p in locon}
+    keys = {formats.lora_key(families.SD1, "unet", p) for p in locon}
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0" in keys
     assert "lora_unet_mid_block_attentions_0_proj_in" in keys
-    te_keys = {formats.text_encoder_module_key(p) for p in lora.text_encoder_targets(text_encoder, "kohya", 8, 8.0)}
+    targets = lora.text_encoder_targets(text_encoder, "kohya", 8, 8.0)
+    te_keys = {formats.lora_key(families.SD1, "text_encoder", p) for p in targets}
     assert "lora_te_text_model_encoder_layers_11_mlp_fc2" in te_keys
 
 
@@ -151,7 +152,7 @@ def test_kohya_file_layout_metadata_and_a1111_hashes(lora_config_dict, tmp_path)
 
 def test_export_refuses_keys_that_name_no_module(tiny_base, tmp_path):
     base = models.load_base_model(tiny_base["folder"])
-    key_map = formats.module_key_map(base.unet, base.text_encoder)
+    key_map = formats.module_key_map(base.family, base.adaptable())
     good = formats.LoraModule(down=torch.zeros(2, 64), up=torch.zeros(64, 2), alpha=2.0)
     modules = {
         "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q": good,
@@ -206,7 +207,7 @@ def test_continuing_from_a_file_starts_where_the_file_is(lora_config_dict, tiny_
 
 
 def test_continuing_refuses_settings_that_contradict_the_file(lora_config_dict, tmp_path):
-    from sdtune.train import preflight
+    from sdtune.preflight import preflight
 
     first = fit(setup(parse_config({**lora_config_dict, "train_text_encoder": False})))
     config = parse_config(
@@ -232,7 +233,7 @@ def test_continuing_from_a_hand_made_kohya_file(lora_config_dict, tiny_base, tmp
     save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora"})
     raw = {k: v for k, v in lora_config_dict.items() if k not in ("lora_rank", "lora_alpha")}
     run = setup(parse_config({**raw, "network_weights": str(path)}))
-    assert len(run.trainables["unet"]) == 2 and run.trainables["text_encoder"] == []
+    assert len(run.trainables.unet) == 2 and run.trainables.text_encoder == []
     at_step_0 = _outputs(run.base.tokenizer, run.base.text_encoder, run.base.unet)
     loaded = _outputs(*(lambda p: (p.tokenizer, p.text_encoder, p.unet))(_pipe(tiny_base, path)))
     torch.testing.assert_close(at_step_0[1], loaded[1], rtol=0, atol=1e-5)
@@ -299,11 +300,11 @@ def test_empty_prior_prompt_distills_the_unconditional_prediction(lora_config_di
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_base["folder"]), safety_checker=None)
     _, unconditional = pipe.encode_prompt("a red circle", "cpu", 1, True)
     with torch.no_grad():
-        ours = models.encode_prompts(run.base.tokenizer, run.base.text_encoder, [""], "cpu")
+        ours = models.encode_prompts(run.base.family, run.base.components, [""], "cpu")
     torch.testing.assert_close(ours, unconditional)
     noisy, timesteps = torch.randn(1, 4, 4, 4), torch.tensor([500])
     with torch.no_grad():
-        for param in run.trainables["unet"]:
+        for param in run.trainables.unet:
             param.add_(0.05)
         adapted = run.unet(noisy, timesteps, ours).sample
         with lora.adapters_disabled(run.base.unet, run.base.text_encoder):
@@ -324,7 +325,7 @@ def test_prior_preservation_pulls_towards_the_base_model(lora_config_dict, tiny_
     noisy, timesteps = torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
     assert _prior_loss(run, noisy, timesteps, [0, 1]).item() == 0.0
     with torch.no_grad():
-        for param in run.trainables["unet"]:
+        for param in run.trainables.unet:
             param.add_(0.05)
     loss = _prior_loss(run, noisy, timesteps, [0, 1])
     assert loss.item() > 0 and loss.requires_grad

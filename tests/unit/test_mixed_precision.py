@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdtune import train
+from sdtune import preflight, train
 from sdtune.config import parse_config
 
 
@@ -36,7 +36,7 @@ def test_half_precision_training_keeps_trainables_in_float32(lora_dict, precisio
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     assert run.base.unet.conv_in.weight.dtype == half and run.base.text_encoder.dtype == half
     assert run.base.vae.dtype == half
-    assert all(p.dtype == torch.float32 for group in run.trainables.values() for p in group)
+    assert all(p.dtype == torch.float32 for p in run.trainables.parameters())
     result = train.fit(run)
     assert torch.isfinite(torch.tensor(result.last_loss))
     factors = load_file(str(result.final_path))
@@ -48,7 +48,7 @@ def test_text_encoder_training_and_no_half_vae_keep_float32(ti_config_dict):
     run = train.setup(parse_config({**ti_config_dict, "mixed_precision": "bf16", "no_half_vae": True, "max_steps": 2}))
     assert run.base.unet.dtype == torch.bfloat16
     assert run.base.text_encoder.dtype == torch.float32 and run.base.vae.dtype == torch.float32
-    assert run.trainables["embedding"][0].dtype == torch.float32
+    assert run.trainables.embedding[0].dtype == torch.float32
     assert torch.isfinite(torch.tensor(train.fit(run).last_loss))
 
 
@@ -57,4 +57,4 @@ def test_fp16_without_a_gpu_is_refused_before_loading(lora_dict):
     from sdtune.config import ConfigError
 
     with pytest.raises(ConfigError, match="mixed_precision: fp16 needs a CUDA GPU"):
-        train.preflight(parse_config({**lora_dict, "mixed_precision": "fp16"}))
+        preflight.preflight(parse_config({**lora_dict, "mixed_precision": "fp16"}))

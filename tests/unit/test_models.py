@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdtune import ldm_layout, models
+from sdtune import families, models
 from sdtune.models import ModelError, detect_family, load_base_model
 
 
@@ -40,7 +40,7 @@ def test_offline_tokenizer_matches_open_clip():
 
 def test_folder_and_single_file_give_identical_components(loaded_pair):
     folder, single = loaded_pair
-    assert folder.family == single.family == "sd1"
+    assert folder.family.name == single.family.name == "sd1"
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
         assert a.keys() == b.keys()
@@ -51,13 +51,13 @@ def test_folder_and_single_file_give_identical_components(loaded_pair):
     assert not any(p.requires_grad for p in single.unet.parameters())
 
 
-def test_ldm_layout_uses_original_names(tiny_base):
+def test_checkpoint_keys_use_original_names(tiny_base):
     keys = models.read_checkpoint_header(tiny_base["checkpoint"])[0]
     assert "model.diffusion_model.input_blocks.0.0.weight" in keys
     assert "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight" in keys
     assert "first_stage_model.encoder.mid.attn_1.q.weight" in keys
     assert keys["first_stage_model.encoder.mid.attn_1.q.weight"] == (64, 64, 1, 1)
-    assert ldm_layout.TEXT_ENCODER_PREFIX + "embeddings.token_embedding.weight" in keys
+    assert families.SD1.text_encoders[0].checkpoint_prefix + "embeddings.token_embedding.weight" in keys
 
 
 def test_legacy_ckpt_loads_with_weights_only(tiny_base, tmp_path, loaded_pair):
@@ -65,9 +65,8 @@ def test_legacy_ckpt_loads_with_weights_only(tiny_base, tmp_path, loaded_pair):
 
     ckpt = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": load_file(str(tiny_base["checkpoint"])), "global_step": 10}, ckpt)
-    loaded = load_base_model(
-        ckpt, config_dir=models._config_dir_for(models.read_checkpoint_header(tiny_base["checkpoint"])[1], "sd1")
-    )
+    metadata = models.read_checkpoint_header(tiny_base["checkpoint"])[1]
+    loaded = load_base_model(ckpt, config_dir=models._config_dir_for(metadata, families.SD1))
     reference = loaded_pair[0].unet.state_dict()
     assert all(torch.equal(value, reference[key]) for key, value in loaded.unet.state_dict().items())
 
@@ -125,7 +124,7 @@ def test_unsupported_families_are_refused_by_name(tmp_path, keys, family):
         (
             {
                 "model.diffusion_model.input_blocks.0.0.weight": (8, 9, 3, 3),
-                ldm_layout.TEXT_ENCODER_PREFIX + "x": (1,),
+                families.SD1.text_encoders[0].checkpoint_prefix + "x": (1,),
             },
             "is an inpainting Stable Diffusion 1.x model",
         ),

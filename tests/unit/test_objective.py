@@ -10,7 +10,7 @@ import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from sdtune import checkpoint, diffusion, train
+from sdtune import diffusion, preflight, state, train
 from sdtune.config import ConfigError, parse_config
 
 
@@ -37,7 +37,7 @@ def test_gradient_clipping_bounds_the_gradient_norm(lora_dict):
     norms, step = [], run.optimizer.step
 
     def recording_step(*args, **kwargs):
-        grads = [p.grad for group in run.trainables.values() for p in group if p.grad is not None]
+        grads = [p.grad for p in run.trainables.parameters() if p.grad is not None]
         norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
         return step(*args, **kwargs)
 
@@ -73,7 +73,7 @@ def test_a_nan_loss_stops_after_saving_the_last_good_state(lora_dict, tmp_path, 
     def loss_that_breaks(batch, run_, captions):
         calls["n"] += 1
         if calls["n"] == 3:
-            kept.update({f"unet.{i}": p.detach().clone() for i, p in enumerate(run_.trainables["unet"])})
+            kept.update({f"unet.{i}": p.detach().clone() for i, p in enumerate(run_.trainables.unet)})
             return torch.tensor(float("nan"))
         return real_loss(batch, run_, captions)
 
@@ -83,15 +83,15 @@ def test_a_nan_loss_stops_after_saving_the_last_good_state(lora_dict, tmp_path, 
     message = str(stopped.value)
     assert message.startswith("step 3: the loss is nan, so training stopped before it reached the weights")
     assert "the last good state (step 2) is in" in message and "max_grad_norm: 1.0" in message
-    (state,) = checkpoint.list_states(out)
-    saved = load_file(str(state / "trainable.safetensors"))
+    (folder,) = state.list_states(out)
+    saved = load_file(str(folder / "trainable.safetensors"))
     assert all(torch.equal(saved[key], kept[key]) for key in kept)
 
 
 def test_optional_optimizers_need_their_package(lora_dict):
     config = parse_config({**lora_dict, "optimizer_type": "adamw8bit"})
     with pytest.raises(ConfigError, match="optimizer_type: adamw8bit needs bitsandbytes: pip install bitsandbytes"):
-        train.preflight(config)
+        preflight.preflight(config)
     with pytest.raises(ConfigError, match="optimizer_type: 'adam8bit' is not one of"):
         parse_config({**lora_dict, "optimizer_type": "adam8bit"})
 
@@ -134,10 +134,10 @@ def test_clip_skip_counts_as_kohya_and_a1111_and_reaches_generation(tiny_base):
     prompt = ["a red star on a blue background"]
     ids = base.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
-        ours = models.encode_prompts(base.tokenizer, base.text_encoder, prompt, "cpu", clip_skip=2)
+        ours = models.encode_prompts(base.family, base.components, prompt, "cpu", clip_skip=2)
         hidden = base.text_encoder(ids, output_hidden_states=True).hidden_states
         torch.testing.assert_close(ours, base.text_encoder.final_layer_norm(hidden[-2]))  # penultimate + final norm
-        last = models.encode_prompts(base.tokenizer, base.text_encoder, prompt, "cpu")
+        last = models.encode_prompts(base.family, base.components, prompt, "cpu")
         torch.testing.assert_close(last, base.text_encoder(ids)[0])
     pipe = inference.AdapterPipeline(base)
     images = [pipe.generate(prompt, [3], steps=2, width=32, height=32, clip_skip=c)[0] for c in (1, 2, 1)]

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdtune import data, train
+from sdtune import data, preflight, train
 from sdtune.config import ConfigError, parse_config
 
 
@@ -45,7 +45,7 @@ def test_regularization_samples_match_the_training_samples(tmp_path):
         summary = data.dataset_summary(config, examples)
         assert summary["num_images"] == 6 and summary["num_reg_images"] == used
         assert summary["reg_dataset_dirs"] == {"1_woman": {"n_repeats": 1, "img_count": used}}
-        assert train.steps_plan(config, len(examples))[0] == 3  # 12 samples per epoch, batches of 4
+        assert preflight.steps_plan(config, len(examples))[0] == 3  # 12 samples per epoch, batches of 4
     report = "\n".join(data.describe_dataset(examples))
     assert "(reg_data_dir, regularization)" in report and "regularization: 6 samples per epoch" in report
 

@@ -75,9 +75,9 @@ def test_exported_embedding_reloads_in_diffusers_with_the_trained_output(ti_conf
     from diffusers import StableDiffusionPipeline
 
     run = setup(parse_config({**ti_config_dict, "learning_rate": 5e-2}))
-    initial = run.trainables["embedding"][0].detach().clone()
+    initial = run.trainables.embedding[0].detach().clone()
     result = fit(run)
-    trained_vectors = run.trainables["embedding"][0].detach()
+    trained_vectors = run.trainables.embedding[0].detach()
     assert not torch.allclose(trained_vectors, initial)
     with safe_open(str(result.final_path), "pt") as handle:
         assert list(handle.keys()) == ["emb_params"]

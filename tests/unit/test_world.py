@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from sdtune import world
+import world
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_split_is_fixed_and_excludes_concepts():
 def test_editability_by_background_reads_each_unseen_background():
     """The per-background split of `quality.measure`'s images: the concept drawn right on purple and black but on
     yellow where orange was asked for scores 1, 1, 0 (the failure docs/quality.md reports)."""
-    from sdtune import quality
+    from world import quality
 
     concept = quality.concept_by_name("red_star")
     per = quality.SEEDS_PER_BACKGROUND

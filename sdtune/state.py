@@ -1,14 +1,15 @@
 """Resumable training state: trainable weights, optimizer, LR schedule, RNG states and the position in the data.
 
-A state is a folder `<output_dir>/state/step-00000040/` written under a temporary name and renamed when complete, so
-a crash mid-save never leaves a broken state and `latest` is always the newest complete one. Only tensors and plain
-data are stored (safetensors, JSON, and `torch.load(weights_only=True)`-loadable optimizer/schedule dicts).
+A state is a folder `<output_dir>/state/step-00000040/` written under a temporary name and renamed when complete
+(`sdtune.atomic`), so a crash mid-save never leaves a broken state and `latest` is always the newest complete one.
+Only tensors and plain data are stored (safetensors, JSON, and `torch.load(weights_only=True)`-loadable
+optimizer/schedule dicts). A state can only be resumed by the settings that wrote it (`config_digest`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -18,12 +19,39 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdtune import atomic
+from sdtune.config import TrainConfig, to_dict
+from sdtune.errors import SdtuneError
+
 STATE_DIR = "state"
 _PREFIX = "step-"
+# Settings a resumed run may change: where and how often outputs, samples and logs are written, and data loading.
+_RESUMABLE_CHANGES = {
+    "resume",
+    "keep_last_n",
+    "save_state",
+    "save_steps",
+    "output_dir",
+    "logging_dir",
+    "log_with",
+    "log_tracker_name",
+    "dataloader_num_workers",
+}
 
 
-class StateError(Exception):
+class StateError(SdtuneError):
     """A state that cannot be resumed from (missing, or made by another config)."""
+
+
+def config_digest(config: TrainConfig, processes: int = 1) -> str:
+    """What a state must match to be resumed: every resolved setting except where and how often outputs are written,
+    and the number of processes (it sets the global batch)."""
+    settings = {
+        k: v for k, v in to_dict(config).items() if k not in _RESUMABLE_CHANGES and not k.startswith("sample_")
+    }
+    if processes > 1:  # one-process digests stay what they were
+        settings["num_processes"] = processes
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass
@@ -57,28 +85,22 @@ def _restore_rng(states: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
 
 
-def save_state(output_dir: Path, position: Position, trainables: dict, optimizer, schedule, config_digest: str,
+def save_state(output_dir: Path, position: Position, trainables: dict, optimizer, schedule, digest: str,
                keep_last_n: int | None = None, scaler=None) -> Path:  # fmt: skip
     """Writes a complete state folder atomically and removes all but the newest `keep_last_n` states (`scaler`:
     fp16's gradient scaler, whose loss scale must survive a resume)."""
-    root = Path(output_dir) / STATE_DIR
-    final = root / f"{_PREFIX}{position.step:08d}"
-    staging = root / f".{final.name}.tmp{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    final = Path(output_dir) / STATE_DIR / f"{_PREFIX}{position.step:08d}"
     tensors = {
         f"{group}.{i}": p.detach().cpu().contiguous() for group, ps in trainables.items() for i, p in enumerate(ps)
     }
-    save_file(tensors, str(staging / "trainable.safetensors"))
     saved = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
     if scaler is not None:
         saved["scaler"] = scaler.state_dict()
-    torch.save(saved, staging / "optimizer.pt")
-    meta = {"position": vars(position), "rng": _rng_states(), "config_digest": config_digest}
-    (staging / "state.json").write_text(json.dumps(meta), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    meta = {"position": vars(position), "rng": _rng_states(), "config_digest": digest}
+    with atomic.atomic_dir(final, durable=True) as staging:
+        save_file(tensors, str(staging / "trainable.safetensors"))
+        torch.save(saved, staging / "optimizer.pt")
+        (staging / "state.json").write_text(json.dumps(meta), encoding="utf-8")
     for old in list_states(output_dir)[:-keep_last_n] if keep_last_n else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -109,7 +131,7 @@ def resolve(resume: str, output_dir: Path) -> Path:
     return path
 
 
-def load_state(path: Path, trainables: dict, optimizer, schedule, config_digest: str, scaler=None) -> Position:
+def load_state(path: Path, trainables: dict, optimizer, schedule, digest: str, scaler=None) -> Position:
     """Restores weights, optimizer, schedule, gradient scaler (fp16) and RNG states from a state folder; returns
     where to continue.
 
@@ -117,7 +139,7 @@ def load_state(path: Path, trainables: dict, optimizer, schedule, config_digest:
         StateError: The state was written by a run with other training settings.
     """
     meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    if meta["config_digest"] != config_digest:
+    if meta["config_digest"] != digest:
         raise StateError(
             f"resume: {path} was saved by a run with other training settings (method, data, batch, steps, "
             "optimizer, number of processes...); resume with the config and launch that wrote it, or start a new "

@@ -1,5 +1,6 @@
-"""Generating and scoring images of the synthetic world (see `world.py`): what the quality benchmark and the
-pretraining script measure with. Fixed seeds throughout, so equal weights give equal scores."""
+"""Generating and scoring images of the synthetic world (`world`, this package): what the quality benchmark and the
+pretraining script measure with. Fixed seeds throughout, so equal weights give equal scores. The world's models are
+of the SD1 family."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from sdtune import inference, world
+import world
+from sdtune import families, inference
 
 SAMPLER_STEPS = 20
 GUIDANCE = 3.0
@@ -17,12 +21,15 @@ GUIDANCE = 3.0
 
 def world_pipeline(tokenizer, text_encoder, unet, vae, scheduler_config: dict):
     """A pipeline over the components with DPM-Solver++ (the sampler the world is scored with)."""
-    return inference.pipeline_from_components(tokenizer, text_encoder, unet, vae, scheduler_config, "dpmpp_2m")
+    components = {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "vae": vae}
+    return inference.pipeline_from_components(families.SD1, components, scheduler_config, "dpmpp_2m")
 
 
 def generate(pipe, prompts: list[str], seed: int = 0) -> list[Image.Image]:
     """One 32x32 image per prompt at the world's sampler settings; prompt `i` uses seed `seed + i`."""
-    return inference.generate(pipe, prompts, seed, world.SIZE, SAMPLER_STEPS, GUIDANCE, batch_size=64)
+    seeds = [seed + i for i in range(len(prompts))]
+    size = (world.SIZE, world.SIZE)
+    return inference.generate_images(pipe, families.SD1, prompts, seeds, size, SAMPLER_STEPS, GUIDANCE, batch_size=64)
 
 
 def evaluate(pipe, scenes: list[world.Scene], prompts: list[str] | None = None, seed: int = 0) -> dict[str, float]:
@@ -66,9 +73,6 @@ MIN_SHAPE_IOU = 0.0  # the benchmark's default reading; docs/quality.md also rep
 def load_pipeline(base: Path, folder: Path | None, concept: Concept, method: str | None):
     """The base model as a pipeline, with the embedding and/or LoRA that `method` wrote to `folder` (under the
     world configs' file names) loaded by diffusers' own loaders; `method` None gives the base alone."""
-    import torch
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
     pipe = StableDiffusionPipeline.from_pretrained(
         base, torch_dtype=torch.float32, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )

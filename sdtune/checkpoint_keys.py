@@ -1,9 +1,9 @@
-"""Key mapping from diffusers module paths to the original (LDM / CompVis) single-file checkpoint layout.
+"""Original-checkpoint key names: diffusers names -> the original (LDM / CompVis / sgm) single-file layout.
 
-Users mostly hold single-file checkpoints in the original layout (`model.diffusion_model.*`,
-`cond_stage_model.transformer.text_model.*`, `first_stage_model.*`). diffusers reads that layout
-(`from_single_file`) but has no writer for it, so sdtune maps the names itself when it writes a base model.
-The mapping is the inverse of diffusers' `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint`; the
+Users mostly hold single-file checkpoints in the original layout (`model.diffusion_model.*`, the family's text-encoder
+prefix, `first_stage_model.*`). diffusers reads that layout (`from_single_file`) but has no writer for it, so sdtune
+maps the names itself when it writes a base model, and when a family's kohya LoRA keys spell UNet modules the LDM way
+(SDXL). The mapping is the inverse of diffusers' `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint`; the
 round trip through diffusers' own reader is tested.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-UNET_PREFIX = "model.diffusion_model."
+from sdtune.families import LDM_UNET_KEYS as UNET_PREFIX
+
 VAE_PREFIX = "first_stage_model."
-TEXT_ENCODER_PREFIX = "cond_stage_model.transformer.text_model."
 
 _RESNET_NAMES = {
     "norm1": "in_layers.0",
@@ -33,6 +33,8 @@ def _unet_block_prefixes(config: dict) -> dict[str, str]:
     mapping = {
         "time_embedding.linear_1.": "time_embed.0.",
         "time_embedding.linear_2.": "time_embed.2.",
+        "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL's added conditioning (sgm names)
+        "add_embedding.linear_2.": "label_emb.0.2.",
         "conv_in.": "input_blocks.0.0.",
         "conv_norm_out.": "out.0.",
         "conv_out.": "out.2.",
@@ -132,8 +134,9 @@ def vae_to_ldm(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, t
     return converted
 
 
-def text_encoder_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Renames a transformers `CLIPTextModel` state dict to `cond_stage_model.transformer.text_model.*` keys.
+def text_encoder_to_ldm(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Renames a transformers `CLIPTextModel` state dict to original-layout keys under `prefix` (the family's
+    `TextEncoder.checkpoint_prefix`, e.g. `cond_stage_model.transformer.text_model.`).
 
     transformers >= 5 dropped the `text_model.` level from `CLIPTextModel`; older versions had it. Both map to the
     same original-layout names.
@@ -143,5 +146,16 @@ def text_encoder_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
         key = key.removeprefix("text_model.")
         if key.startswith("text_projection."):
             continue  # CLIPTextModel has none; guard against CLIPTextModelWithProjection state dicts.
-        converted[TEXT_ENCODER_PREFIX + key] = value
+        converted[prefix + key] = value
     return converted
+
+
+def unet_module_to_ldm(module_path: str, config: dict) -> str:
+    """The original-layout path of a UNet module (`down_blocks.1.attentions.0.proj_in` -> `input_blocks.4.1.proj_in`),
+    as SDXL's kohya LoRA keys spell it.
+
+    Args:
+        module_path: The diffusers module path.
+        config: The UNet's config (block types and `layers_per_block` decide the block numbering).
+    """
+    return _rename(module_path + ".", _unet_block_prefixes(config), _RESNET_NAMES).removesuffix(".")

@@ -1,0 +1,157 @@
+"""Every check that needs no model weights, run before anything long starts (`sdtune validate`, `sdtune train`):
+data files and captions, the base model's family and tokenizers, placeholder tokens, a LoRA file to continue from,
+optional packages, the device, a state to resume from; and the step arithmetic (`sdtune data`, `sdtune validate`).
+
+Nothing here imports the training loop or loads weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from sdtune import data, logs, models, state
+from sdtune.config import ConfigError, TrainConfig
+from sdtune.methods import lora, textual_inversion
+
+OPTIONAL_OPTIMIZERS = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}  # optimizer_type -> pip package
+logger = logging.getLogger(__name__)
+
+
+class StepsPlan(NamedTuple):
+    """How a run's optimizer steps fall into epochs."""
+
+    per_epoch: int  # optimizer steps per epoch
+    total: int  # optimizer steps to train
+    epochs: int  # epochs started
+
+
+def steps_plan(config: TrainConfig, num_examples: int, batches_per_epoch: int | None = None) -> StepsPlan:
+    """The steps of a dataset of `num_examples`.
+
+    One epoch is `ceil(num_examples / batch_size)` batches (or `batches_per_epoch`: with buckets every bucket ends
+    in its own partial batch); one optimizer step takes `gradient_accumulation_steps` batches (the last step of an
+    epoch may take fewer). `max_steps`, when set, overrides `epochs`.
+    """
+    batches_per_epoch = batches_per_epoch or math.ceil(num_examples / config.batch_size)
+    per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+    total = config.max_steps or config.epochs * per_epoch
+    return StepsPlan(per_epoch, total, math.ceil(total / per_epoch))
+
+
+def dataset_steps(config: TrainConfig, examples: list[data.Example]) -> StepsPlan:
+    """The steps of training on `examples` with one process (with buckets: their batches per epoch)."""
+    if not config.enable_bucket:
+        return steps_plan(config, len(examples))
+    plan = data.bucket_plan(examples, config)
+    return steps_plan(config, len(examples), len(data.BucketBatches(plan["assigned"], config.batch_size, config.seed)))
+
+
+def batch_summary(config: TrainConfig, processes: int) -> str:
+    """The effective batch: samples per optimizer step over all processes."""
+    total = config.batch_size * config.gradient_accumulation_steps * processes
+    return (
+        f"effective batch: {config.batch_size} per process x {config.gradient_accumulation_steps} accumulation x "
+        f"{processes} process{'es' if processes > 1 else ''} = {total} samples per optimizer step"
+    )
+
+
+def preflight(config: TrainConfig) -> list[data.Example]:
+    """Every check that needs no model weights: data files, captions, model family, tokens, method, packages.
+
+    Returns:
+        The training examples.
+
+    Raises:
+        ConfigError: With all problems found; nothing has been loaded yet.
+    """
+    errors: list[str] = _optimizer_problems(config) + _device_problems(config) + logs.missing_packages(config)
+    if config.resume:
+        try:
+            state.resolve(config.resume, Path(config.output_dir))
+        except state.StateError as error:
+            errors.append(str(error))
+    examples, data_errors = data.scan_dataset(config, config.placeholder_token if config.uses_ti else None)
+    errors += data_errors
+    try:
+        family, tokenizers = models.read_base(config.base_model, config.base_model_config)
+    except models.ModelError as error:
+        errors.append(str(error))
+    else:
+        if config.network_weights:
+            errors += lora.file_config_problems(Path(config.network_weights), config, family)
+        if config.uses_ti:
+            errors += _token_problems(config, list(tokenizers.values()), examples)
+    if errors:
+        raise ConfigError(errors, "checks before loading the model")
+    return examples
+
+
+def _token_problems(config: TrainConfig, tokenizers: list, examples: list[data.Example]) -> list[str]:
+    """The placeholder and init word against every tokenizer of the base, then the captions' lengths."""
+    problems = []
+    for tokenizer in tokenizers:
+        problems += textual_inversion.check_tokens(
+            tokenizer, config.placeholder_token, config.num_vectors, config.init_word
+        )
+    if not problems:
+        for tokenizer in tokenizers:
+            problems += _caption_length_problems(config, tokenizer, examples)
+    return list(dict.fromkeys(problems))  # tokenizers sharing a vocabulary report a problem once
+
+
+def _caption_length_problems(config: TrainConfig, tokenizer, examples: list[data.Example]) -> list[str]:
+    """Captions CLIP would cut: an error where the placeholder itself is cut off, a warning otherwise.
+
+    `tokenizer` is a throwaway copy of a base tokenizer; the placeholder tokens are added to it here.
+    """
+    limit = tokenizer.model_max_length - 2  # BOS and EOS take two of the 77 positions
+    placeholder, count = config.placeholder_token, config.num_vectors
+    tokenizer.add_tokens(textual_inversion.placeholder_tokens(placeholder, count))
+    last_vector_id = tokenizer.convert_tokens_to_ids(textual_inversion.placeholder_tokens(placeholder, count)[-1])
+    errors, truncated = [], []
+    for example in examples:
+        if example.caption is None:
+            continue
+        caption = data.full_caption(example.caption, example.subset)
+        text = textual_inversion.expand_placeholder(caption, placeholder, count)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) <= limit:
+            continue
+        truncated.append(example.image_path.name)
+        if last_vector_id not in ids[:limit]:
+            errors.append(
+                f"{example.image_path.name}: the caption is {len(ids)} tokens and CLIP reads only {limit}; the "
+                f"placeholder {placeholder!r} falls after the cut. Move it to the front of the caption."
+            )
+    if truncated:
+        logger.warning("%d caption(s) exceed %d tokens and are cut: %s", len(truncated), limit, ", ".join(truncated))
+    return errors
+
+
+def _device_problems(config: TrainConfig) -> list[str]:
+    """Settings this machine cannot run: fp16 autocast and xformers need CUDA; xformers needs its package."""
+    problems = []
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        problems.append("mixed_precision: fp16 needs a CUDA GPU (autocast on CPU runs bf16); use bf16 or no here.")
+    if config.xformers and importlib.util.find_spec("xformers") is None:
+        problems.append(
+            "xformers: true needs the xformers package: pip install 'sdtune[xformers]' (it pins its own torch), "
+            "or remove it: PyTorch's SDPA attention is the default and as fast on current torch."
+        )
+    elif config.xformers and not torch.cuda.is_available():
+        problems.append("xformers: true needs a CUDA GPU (its kernels have no CPU version); remove it here.")
+    return problems
+
+
+def _optimizer_problems(config: TrainConfig) -> list[str]:
+    """An optimizer whose optional package is not installed."""
+    package = OPTIONAL_OPTIMIZERS.get(config.optimizer_type)
+    if package and importlib.util.find_spec(package) is None:
+        return [f"optimizer_type: {config.optimizer_type} needs {package}: pip install {package} (or use adamw)."]
+    return []
