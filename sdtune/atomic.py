@@ -16,18 +16,32 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def _temporary(path: Path, kind: str) -> Path:
-    return path.with_name(f".{path.name}.{kind}{os.getpid()}")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it sets it: done once, at import, before training starts threads
     os.umask(mask)
     return mask
 
 
-def _fsync(path: Path) -> None:
-    """Flushes a file's data, or a folder's entries (a rename), to disk."""
+_UMASK = _read_umask()
+
+
+def _temporary(path: Path, kind: str) -> Path:
+    return path.with_name(f".{path.name}.{kind}{os.getpid()}")
+
+
+def _fsync_file(path: Path) -> None:
+    """Flushes a file's data to disk (opened for writing: Windows flushes only such handles)."""
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_folder(path: Path) -> None:
+    """Flushes a folder's entries (a rename) to disk; POSIX only (Windows neither needs nor allows it)."""
+    if os.name == "nt":
+        return
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -52,12 +66,12 @@ def atomic_file(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
     temporary = _temporary(path, "tmp")
     try:
         yield temporary
-        os.chmod(temporary, 0o666 & ~_umask())  # some writers (safetensors) create files readable by the owner only
+        os.chmod(temporary, 0o666 & ~_UMASK)  # some writers (safetensors) create files readable by the owner only
         if durable:
-            _fsync(temporary)
+            _fsync_file(temporary)
         os.replace(temporary, path)
         if durable:
-            _fsync(path.parent)
+            _fsync_folder(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -80,12 +94,12 @@ def atomic_dir(path: str | os.PathLike, durable: bool = False) -> Iterator[Path]
         yield staging
         if durable:
             for file in (p for p in staging.rglob("*") if p.is_file()):
-                _fsync(file)
+                _fsync_file(file)
         if path.exists():
             os.replace(path, old)
         os.replace(staging, path)
         if durable:
-            _fsync(path.parent)
+            _fsync_folder(path.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

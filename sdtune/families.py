@@ -249,14 +249,12 @@ def from_pipeline(class_name: str, text_config: dict | None) -> Signature | None
     OpenCLIP-H to a `gelu` CLIPTextModel of width 1024; SD1.x's CLIP-L uses `quick_gelu`).
     """
     matches = [s for s in SIGNATURES if s.pipeline_class and class_name.startswith(s.pipeline_class)]
-    if len(matches) <= 1 or text_config is None:
-        return matches[0] if matches else None
-    for signature in matches:
-        if signature.text_activation == text_config.get("hidden_act") or (
-            signature.text_width == text_config.get("hidden_size")
-        ):
+    for signature in matches[:-1]:  # the last match (SD1.x) is what a folder is when nothing else tells
+        config = text_config or {}
+        told = {"hidden_act": signature.text_activation, "hidden_size": signature.text_width}
+        if any(value is not None and config.get(key) == value for key, value in told.items()):
             return signature
-    return matches[-1]
+    return matches[-1] if matches else None
 
 
 def from_kohya_metadata(version: str, keys) -> Signature | None:
