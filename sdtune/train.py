@@ -98,8 +98,8 @@ class TrainingInterrupted(SdtuneError):
 
     def __init__(self, state_path: Path | None, steps: int):
         self.state, self.steps = state_path, steps
-        where = f"state saved to {state_path}; continue with resume=latest" if state_path else "no state saved"
-        where += "" if state_path else " (save_state off)"
+        where = f"state saved to {state_path}; continue with resume=latest"
+        where = where if state_path else "no state saved (save_state off)"
         super().__init__(f"interrupted after {steps} steps: {where}")
 
 
