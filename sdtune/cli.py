@@ -161,7 +161,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise jobs.JobError("nothing to generate: give --prompt, --prompts-file or --jobs")
     library = prompts.AdapterLibrary(args.lora_dir, args.embedding_dir)
     _quiet_libraries()
-    pipe = inference.AdapterPipeline.from_base(args.base, sampler=args.sampler, device=args.device)
+    pipe = inference.AdapterPipeline.from_base(
+        args.base, sampler=args.sampler, device=args.device, config_dir=args.base_config
+    )
     for spec in args.lora:
         path, numbers = jobs.split_spec(spec)
         te, unet = prompts.lora_weights(Path(path).stem, numbers, f"--lora {spec}")
@@ -244,6 +246,7 @@ def _add_label_arguments(sub: argparse.ArgumentParser) -> None:
 
 def _add_generate_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--base", required=True, help="base model: diffusers folder or single-file checkpoint")
+    sub.add_argument("--base-config", help="for single-file bases with non-standard shapes: their config folder")
     sub.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); <lora:NAME:W> tags work")
     sub.add_argument("--prompts-file", action="append", default=[], help="text file, one prompt per line")
     sub.add_argument("--jobs", action="append", default=[], help="YAML or JSONL job file (per-job settings)")

@@ -78,8 +78,9 @@ def reproduce_command(config: TrainConfig) -> str:
         [(folder / f"{config.embedding_name}.safetensors", config.placeholder_token)] if config.uses_ti else []
     )
     loras = [folder / f"{config.output_name}.safetensors"] if config.uses_lora else []
+    batch_size = min(len(config.sample_prompts), 16)
     command = jobs.generate_command(
-        config.base_model, folder / JOB_FILE, embeddings, loras, batch_size=min(len(config.sample_prompts), 16)
+        config.base_model, folder / JOB_FILE, embeddings, loras, batch_size, base_config=config.base_model_config
     )
     if config.uses_lora and config.save_precision != "fp32":
         command += f"  # the LoRA file holds {config.save_precision} factors: close to the grid, not bit for bit"

@@ -130,3 +130,16 @@ def test_a_training_sample_grid_is_drawn_again_by_sdtune_generate(ti_lora_proces
         assert np.array_equal(np.asarray(grid.convert("RGB")), np.asarray(regridded))
     with Image.open(tmp_path / "run" / "samples" / "step00000000.png") as before:
         assert not np.array_equal(np.asarray(before.convert("RGB")), np.asarray(regridded))  # training changed them
+
+
+def test_a_single_file_with_its_own_shapes_loads_with_base_config(tiny_base, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    bare = tmp_path / "tiny-no-config.safetensors"
+    save_file(load_file(str(tiny_base["checkpoint"])), str(bare))  # SD1 keys, tiny shapes, no embedded config
+    command = ["generate", "--base", str(bare), "--prompt", "a cat", "--seed", "1", "--steps", "2"]
+    command += ["--width", "32", "--height", "32", "--out", str(tmp_path / "out")]
+    assert cli.main(command) == cli.EXIT_BAD_INPUT
+    assert "UNet width 32 (config: 320)" in capsys.readouterr().err
+    assert cli.main([*command, "--base-config", str(tiny_base["folder"])]) == 0
+    assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["00000-1.png"]
