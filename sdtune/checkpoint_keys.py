@@ -9,9 +9,12 @@ round trip through diffusers' own reader is tested.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from sdtune.families import LDM_UNET_KEYS as UNET_PREFIX
+from sdtune.families import TextEncoder
 
 VAE_PREFIX = "first_stage_model."
 
@@ -148,6 +151,52 @@ def text_encoder_to_ldm(state_dict: dict[str, torch.Tensor], prefix: str) -> dic
             continue  # CLIPTextModel has none; guard against CLIPTextModelWithProjection state dicts.
         converted[prefix + key] = value
     return converted
+
+
+_OPEN_CLIP_LAYER_NAMES = {
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+    "self_attn.out_proj.": "attn.out_proj.",
+}
+
+
+def open_clip_text_to_ldm(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Renames a transformers CLIP text model (with or without projection) to OpenCLIP's original-layout keys under
+    `prefix` (e.g. `conditioner.embedders.1.model.`): q/k/v packed into `attn.in_proj_weight`/`_bias`, the position
+    embedding as a bare tensor, `text_projection` transposed ([width, projection]). The inverse of diffusers'
+    `convert_open_clip_checkpoint`."""
+    converted, packed = {}, {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("text_model.")
+        if key == "embeddings.token_embedding.weight":
+            converted[prefix + "token_embedding.weight"] = value
+        elif key == "embeddings.position_embedding.weight":
+            converted[prefix + "positional_embedding"] = value
+        elif key.startswith("final_layer_norm."):
+            converted[prefix + "ln_final." + key.removeprefix("final_layer_norm.")] = value
+        elif key == "text_projection.weight":
+            converted[prefix + "text_projection"] = value.T.contiguous()
+        elif m := re.match(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", key):
+            packed.setdefault((m[1], m[3]), {})[m[2]] = value
+        elif m := re.match(r"encoder\.layers\.(\d+)\.(.+)$", key):
+            rest = next(
+                (new + m[2][len(old) :] for old, new in _OPEN_CLIP_LAYER_NAMES.items() if m[2].startswith(old)), None
+            )
+            if rest is None:
+                raise KeyError(f"no OpenCLIP name known for text-encoder key {key!r}")
+            converted[f"{prefix}transformer.resblocks.{m[1]}.{rest}"] = value
+    for (layer, kind), qkv in packed.items():
+        converted[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([qkv[c] for c in "qkv"])
+    return converted
+
+
+def text_encoder_to_checkpoint(state_dict: dict[str, torch.Tensor], encoder: TextEncoder) -> dict[str, torch.Tensor]:
+    """A text encoder's state dict under its family's original-layout names (`checkpoint_layout`, prefix)."""
+    if encoder.checkpoint_layout == "open_clip":
+        return open_clip_text_to_ldm(state_dict, encoder.checkpoint_prefix)
+    return text_encoder_to_ldm(state_dict, encoder.checkpoint_prefix)
 
 
 def unet_module_to_ldm(module_path: str, config: dict) -> str:

@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """`sdtune validate CONFIG [key=value ...]`: every check `train` makes before loading weights."""
-    config = load_config(args.config, args.overrides)
+    config = preflight.resolved(load_config(args.config, args.overrides))
     _quiet_libraries(diffusers=False)
     examples = preflight.preflight(config)
     captioned = len({example.image_path for example in examples if example.caption is not None})
@@ -59,7 +59,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     repeats = "" if images == len(examples) else f" ({len(examples)} samples per epoch with repeats)"
     per_epoch, total, epochs = preflight.dataset_steps(config, examples)
     print(f"{args.config}: OK")
-    print(f"  method {config.method}, base model {config.base_model}")
+    print(f"  method {config.method}, base model {config.base_model}, resolution {config.resolution}")
     print(f"  {images} images, {captioned} with captions" + ("" if captioned else " (prompt templates)") + repeats)
     print(
         f"  {config.batch_size} images per batch x {config.gradient_accumulation_steps} accumulation = "
@@ -72,7 +72,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """`sdtune data CONFIG [key=value ...]`: what training would read, per subset, and the step arithmetic."""
-    config = load_config(args.config, args.overrides)
+    config = preflight.resolved(load_config(args.config, args.overrides))
+    if config.resolution is None:
+        raise ConfigError(
+            [f"resolution: unset, and base_model {config.base_model} cannot be read to take its family's native "
+             "size; run `sdtune validate` for why, or set resolution."], "data",
+        )  # fmt: skip
     placeholder = config.placeholder_token if config.uses_ti else None
     skipped: list[str] = []
     examples, problems = data.scan_dataset(config, placeholder, skipped)
@@ -179,7 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_make_base(args: argparse.Namespace) -> int:
-    """`sdtune make-base DIR [--checkpoint FILE]`: write a random-weight SD1-family base model offline."""
+    """`sdtune make-base DIR [--checkpoint FILE]`: write a random-weight base model (SD1.x or SDXL) offline."""
     _quiet_libraries()
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     write_base_model(args.folder, args.checkpoint, preset=args.preset, seed=args.seed, dtype=dtype)
@@ -209,10 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--base-config", help="for single-file bases with non-standard shapes: their config folder")
     sub.add_argument("--json", action="store_true", help="print the summary as JSON")
     sub.set_defaults(function=cmd_inspect)
-    sub = commands.add_parser("make-base", help="write a random-weight SD1-family base model (offline)")
+    sub = commands.add_parser("make-base", help="write a random-weight SD1.x or SDXL base model (offline)")
     sub.add_argument("folder", nargs="?", help="diffusers folder to write")
     sub.add_argument("--checkpoint", help="also write a single-file .safetensors checkpoint (original layout)")
-    sub.add_argument("--preset", choices=PRESETS, default="tiny", help="tiny (~2 M params) or sd15 (SD1.5's shapes)")
+    sub.add_argument(
+        "--preset", choices=PRESETS, default="tiny", help="tiny, tiny-sdxl (a few M params); sd15, sdxl (real shapes)"
+    )
     sub.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     sub.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the checkpoint file")
     sub.set_defaults(function=cmd_make_base)

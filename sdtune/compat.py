@@ -83,12 +83,15 @@ def _blocking_problems(artifact: formats.Artifact, base: BaseModel) -> list[str]
     if artifact.family and artifact.family != base.family.name:
         problems.append(f"made for {families.title(artifact.family)}, the base is {base.family.title}")
     if artifact.kind == "lora" and artifact.lora_modules:
-        key_map = formats.module_key_map(base.family, base.adaptable())
+        key_map = formats.module_key_map(base.family, base.adaptable(), other_spelling=True)
         problems += formats.lora_fit_problems(artifact.lora_modules, key_map)
     if artifact.kind == "embedding":
         targets = embedding_targets(artifact, base.family)
         if not targets and not problems:
             problems.append(f"holds {', '.join(artifact.vectors)}, which no text encoder of {base.family.title} takes")
+        elif targets and len(targets) < len(base.family.text_encoders):
+            wanted = ", ".join(spec.embedding_key for spec in base.family.text_encoders)
+            problems.append(f"holds vectors for {len(targets)} text encoder(s); {base.family.title} needs {wanted}")
         for spec, vectors in targets:
             width = base.text_encoders[spec.component].get_input_embeddings().weight.shape[1]
             if vectors.shape[-1] != width:

@@ -181,6 +181,19 @@ class TrainConfig:
         "Single-file checkpoints only: a diffusers folder with the model's configs, for non-standard shapes.",
         "model",
     )
+    vae: Optional[str] = _field(
+        None,
+        "A VAE to use instead of the base model's: a diffusers AutoencoderKL folder, or a `.safetensors` file of "
+        "one (diffusers or original layout), e.g. an fp16-safe SDXL VAE.",
+        "model",
+    )
+    zero_terminal_snr: bool = _field(
+        False,
+        "Rescale the noise schedule to zero terminal SNR (Lin et al. 2024; kohya `--zero_terminal_snr`): the last "
+        "timestep is pure noise. For v-prediction models trained that way (NoobAI-XL V-Pred); set by itself when a "
+        "checkpoint carries the `ztsnr` marker.",
+        "model",
+    )
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = _field(
         None,
         "Force what the UNet predicts (kohya `v_parameterization: true` = `v_prediction`); default: the base's "
@@ -242,15 +255,25 @@ class TrainConfig:
         None, "CSV with `file_name` and caption columns; default `<train_data_dir>/metadata.csv` if present.", "data"
     )
     caption_column: str = _field("text", "Caption column of the metadata CSV.", "data")
-    resolution: int = _field(512, "Training resolution in pixels (square; a multiple of 8).", "data", ge=8)
+    resolution: Optional[int] = _field(
+        None,
+        "Training resolution in pixels (square; a multiple of 8); default: the base model family's native size "
+        "(SD1.x 512, SDXL 1024).",
+        "data",
+        ge=8,
+    )
     enable_bucket: bool = _field(
         False,
         "Aspect-ratio buckets: each image trains at the bucket size (multiples of `bucket_reso_steps`, area <= "
         "resolution^2) closest to its aspect ratio instead of a square crop; batches come from one bucket.",
         "data",
     )
-    min_bucket_reso: int = _field(256, "Buckets: smallest side in pixels.", "data", ge=8)
-    max_bucket_reso: int = _field(1024, "Buckets: largest side in pixels.", "data", ge=8)
+    min_bucket_reso: Optional[int] = _field(
+        None, "Buckets: smallest side in pixels (default: half the resolution, in bucket_reso_steps).", "data", ge=8
+    )
+    max_bucket_reso: Optional[int] = _field(
+        None, "Buckets: largest side in pixels (default: twice the resolution, in bucket_reso_steps).", "data", ge=8
+    )
     bucket_reso_steps: int = _field(64, "Buckets: sides are multiples of this (a multiple of 8).", "data", ge=8)
     bucket_no_upscale: bool = _field(
         False,
@@ -475,9 +498,32 @@ def _default_output_name(config: TrainConfig) -> str:
     return Path(config.train_data_dir or "lora").resolve().name or "lora"
 
 
+def _bucket_defaults(config: TrainConfig) -> TrainConfig:
+    """Unset bucket bounds from the resolution: half and twice it, in `bucket_reso_steps` (512 -> 256..1024)."""
+    step, resolution = config.bucket_reso_steps, config.resolution
+    low = config.min_bucket_reso or max(step, resolution // 2 // step * step)
+    high = config.max_bucket_reso or -(-resolution * 2 // step) * step
+    return dataclasses.replace(config, min_bucket_reso=low, max_bucket_reso=high)
+
+
+def with_native_resolution(config: TrainConfig, native: int) -> TrainConfig:
+    """The config with the defaults that follow from the base model's family: `resolution` (its native size) and the
+    bucket bounds (from the resolution).
+
+    Raises:
+        ConfigError: Bucket bounds that do not fit the resolution.
+    """
+    config = _bucket_defaults(dataclasses.replace(config, resolution=config.resolution or native))
+    errors = _bucket_errors(config) if config.enable_bucket else []
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
 def _resolve_defaults(config: TrainConfig) -> TrainConfig:
     """Fills in the defaults that follow from other settings (the method's learning rate, per-part rates, file
-    stem, log folder), so every reader sees one resolved value. Settings of other methods stay unset."""
+    stem, log folder, bucket bounds), so every reader sees one resolved value. Settings of other methods stay unset;
+    the family-dependent ones are filled by `with_native_resolution` once the base model's family is known."""
     rate = config.learning_rate if config.learning_rate is not None else (5e-3 if config.method == "ti" else 1e-4)
     resolved = {
         "learning_rate": rate,
@@ -487,7 +533,8 @@ def _resolve_defaults(config: TrainConfig) -> TrainConfig:
     if config.uses_lora:
         resolved["unet_lr"] = config.unet_lr or rate
         resolved["text_encoder_lr"] = config.text_encoder_lr or rate
-    return dataclasses.replace(config, **resolved)
+    config = dataclasses.replace(config, **resolved)
+    return _bucket_defaults(config) if config.resolution is not None else config
 
 
 # Keys from kohya sd-scripts and the diffusers example scripts, accepted as they are.
@@ -798,10 +845,10 @@ def _data_errors(config: TrainConfig) -> list[str]:
         errors.append("subsets: every subset has is_reg: true; add at least one subset of training images.")
     if config.subsets and config.train_data_dir:
         errors.append("train_data_dir, subsets: give one; each subset names its own image_dir.")
-    if config.enable_bucket:
-        errors += _bucket_errors(config)
+    if config.enable_bucket and config.resolution is not None:  # else checked once the family's size is known
+        errors += _bucket_errors(_bucket_defaults(config))
     errors += _cache_errors(config)
-    if config.resolution % 8:
+    if config.resolution is not None and config.resolution % 8:
         errors.append(f"resolution: must be a multiple of 8 (the VAE downsamples by 8), got {config.resolution}.")
     return errors
 
@@ -812,6 +859,13 @@ def _cache_errors(config: TrainConfig) -> list[str]:
         errors.append("cache_latents: needs center_crop: true (a random crop differs every epoch, a cache cannot).")
     if config.cache_latents_to_disk and not config.cache_latents:
         errors.append("cache_latents_to_disk: has no effect without cache_latents: true; set both.")
+    if config.cache_text_encoder_outputs and (
+        config.shuffle_caption or any(s.shuffle_caption for s in config.subsets)
+    ):
+        errors.append(
+            "cache_text_encoder_outputs: shuffle_caption makes a new caption at every use, which a cache of encoded "
+            "captions cannot serve (kohya refuses the pair too); remove one of them."
+        )
     text_trains = config.uses_ti or (config.uses_lora and config.train_text_encoder is not False)
     if config.cache_text_encoder_outputs and text_trains:
         errors.append(
@@ -855,6 +909,8 @@ def check_paths(config: TrainConfig) -> list[str]:
     errors += [f"{name}: {folder} is not a folder." for name, folder in folders if not Path(folder).is_dir()]
     metadata = [(f"subsets[{i}].metadata_path", s.metadata_path) for i, s in enumerate(config.subsets, 1)]
     errors += [f"{name}: {path} does not exist." for name, path in metadata if path and not Path(path).is_file()]
+    if config.vae and not Path(config.vae).exists():
+        errors.append(f"vae: {config.vae} does not exist.")
     if config.network_weights and not Path(config.network_weights).is_file():
         errors.append(f"network_weights: {config.network_weights} does not exist.")
     if config.metadata_path and not Path(config.metadata_path).is_file():

@@ -111,10 +111,10 @@ def _size_or_none(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def check_image(path: Path, resolution: int) -> str | None:
+def check_image(path: Path, resolution: int | None) -> str | None:
     """Why an image cannot be trained on (None when it can): it does not decode completely (truncated, not an image),
     it is larger than PIL decodes safely, or its shorter side is under an eighth of `resolution` (it would be
-    upscaled more than 8x)."""
+    upscaled more than 8x; not checked while the resolution is not known)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -125,7 +125,7 @@ def check_image(path: Path, resolution: int) -> str | None:
         return f"{path}: too large to decode safely ({error}); downscale it."
     except Exception as error:  # PIL raises many types for damaged or non-image files
         return f"{path}: not a readable image ({type(error).__name__}: {error})."
-    if min(width, height) * 8 < resolution:
+    if resolution and min(width, height) * 8 < resolution:
         return (
             f"{path}: {width}x{height} would be upscaled more than 8x to reach resolution {resolution} (blurry); "
             "use a larger image or a lower resolution."
@@ -586,39 +586,48 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             caption = shuffle_tags(caption, subset.keep_tokens, generator)
         return full_caption(caption, subset)
 
+    def _placement(self, image_size: tuple[int, int], size: tuple[int, int], generator: torch.Generator | None):
+        """(resized size, crop left, crop top) of an image of `image_size` trained at `size` (both width, height):
+        resized to cover `size` (aspect kept), then cropped in the centre or at random."""
+        (image_width, image_height), (width, height) = image_size, size
+        scale = max(width / image_width, height / image_height)
+        scaled = (max(width, round(image_width * scale)), max(height, round(image_height * scale)))
+        if self.center_crop:
+            return scaled, (scaled[0] - width) // 2, (scaled[1] - height) // 2
+        left = int(torch.randint(scaled[0] - width + 1, (), generator=generator))
+        top = int(torch.randint(scaled[1] - height + 1, (), generator=generator))
+        return scaled, left, top
+
     def _pixels(
         self, path: Path, size: tuple[int, int], flip: bool | None = None, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Resized to cover `size` (aspect kept), cropped to it, flipped (at random when `flip` is None), scaled to
-        [-1, 1]."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixels, time ids): the image resized to cover `size`, cropped to it, flipped (at random when `flip` is
+        None), scaled to [-1, 1]; see `time_ids`."""
         image = load_rgb(path)
         width, height = size
-        scale = max(width / image.width, height / image.height)
-        scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-        image = image.resize(scaled, Image.Resampling.LANCZOS)
-        if self.center_crop:
-            left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
-        else:
-            left = int(torch.randint(scaled[0] - width + 1, (), generator=generator))
-            top = int(torch.randint(scaled[1] - height + 1, (), generator=generator))
-        image = image.crop((left, top, left + width, top + height))
+        scaled, left, top = self._placement(image.size, size, generator)
+        original = image.size
+        image = image.resize(scaled, Image.Resampling.LANCZOS).crop((left, top, left + width, top + height))
         flipped = flip if flip is not None else self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
         if flipped:
             image = ImageOps.mirror(image)
         array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        return array.view(height, width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+        pixels = array.view(height, width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+        return pixels, time_ids(original, scaled, (left, top), size, flipped)
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
         index, epoch = item if isinstance(item, tuple) else (item, 0)
         example, size = self.examples[index], self.size_of(index)
         generator = torch.Generator().manual_seed(example_seed(self.seed, epoch, index, "data"))
         if self.latent_cache is None:
-            pixels = self._pixels(example.image_path, size, generator=generator)
-            drawn = {"pixel_values": pixels}
+            pixels, conditioning = self._pixels(example.image_path, size, generator=generator)
+            drawn = {"pixel_values": pixels, "time_ids": conditioning}
         else:  # no crop draw: cached latents are centre crops
             flipped = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
             mean, std = self.latent_cache.get(self.latent_cache.key(example.image_path, size, flipped))
-            drawn = {"latent_mean": mean, "latent_std": std}
+            scaled, left, top = self._placement(example.size, size, None)
+            conditioning = time_ids(example.size, scaled, (left, top), size, flipped)
+            drawn = {"latent_mean": mean, "latent_std": std, "time_ids": conditioning}
         noise_seed = example_seed(self.seed, epoch, index, "noise")
         weight = self.prior_loss_weight if _is_reg(example) else 1.0
         return {**drawn, "caption": self._caption(example, generator), "noise_seed": noise_seed, "loss_weight": weight}
@@ -626,6 +635,25 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def size_of(self, index: int) -> tuple[int, int]:
         """(width, height) example `index` trains at."""
         return self.sizes[index] if self.sizes else (self.resolution, self.resolution)
+
+
+def time_ids(
+    original: tuple[int, int], scaled: tuple[int, int], crop: tuple[int, int], size: tuple[int, int], flipped: bool
+) -> torch.Tensor:
+    """SDXL's size and crop conditioning of one training image, `[original height, original width, crop top, crop
+    left, target height, target width]`, as the SDXL paper and diffusers' training scripts define it.
+
+    Args:
+        original: (width, height) of the image as displayed, before resizing.
+        scaled: (width, height) it was resized to (covering the training size).
+        crop: (left, top) of the crop in the resized image, before any flip.
+        size: (width, height) trained at (the bucket).
+        flipped: Mirrored after cropping: the left crop is then what was cut from the right edge.
+    """
+    left, top = crop
+    if flipped:
+        left = scaled[0] - left - size[0]
+    return torch.tensor([original[1], original[0], top, left, size[1], size[0]], dtype=torch.float32)
 
 
 def fill_latent_cache(dataset: ImageCaptionDataset, cache: LatentCache, encode, batch_size: int = 8) -> None:
@@ -645,12 +673,24 @@ def fill_latent_cache(dataset: ImageCaptionDataset, cache: LatentCache, encode, 
         for keys in by_size.values():
             for start in range(0, len(keys), batch_size):
                 chunk = keys[start : start + batch_size]
-                pixels = torch.stack([dataset._pixels(todo[k][0], todo[k][1], todo[k][2]) for k in chunk])
+                pixels = torch.stack([dataset._pixels(todo[k][0], todo[k][1], todo[k][2])[0] for k in chunk])
                 means, stds = encode(pixels)
                 for key, mean, std in zip(chunk, means, stds, strict=True):
                     cache.put(key, mean.detach().cpu(), std.detach().cpu())
                 bar.update(len(chunk))
     dataset.latent_cache = cache
+
+
+def vae_latents(vae, folder: Path | None, base_id: str):
+    """(a `LatentCache` for this VAE, the function that fills it) for `training_loader`'s `latents`: entries keyed
+    by `base_id` (the base model's hash) and the VAE's dtype, kept in `folder` too when given."""
+
+    def encode(pixels: torch.Tensor):
+        with torch.no_grad():
+            distribution = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        return distribution.mean.float(), distribution.std.float()
+
+    return LatentCache(folder, f"{base_id}:{next(vae.parameters()).dtype}"), encode
 
 
 def training_loader(config: TrainConfig, examples: list[Example], num_processes: int = 1, process_index: int = 0,

@@ -86,10 +86,14 @@ def serialize_with_a1111_hashes(tensors: dict[str, torch.Tensor], metadata: dict
     return final
 
 
-def lora_export_problems(modules: dict[str, formats.LoraModule], key_map: dict) -> list[str]:
-    """Why a LoRA must not be written: keys naming no module of the base, misfit shapes, or a text-encoder part that
-    diffusers cannot recognise (it needs `out_proj` or an `mlp_*` layer, FORMATS.md rule 3)."""
+def lora_export_problems(
+    modules: dict[str, formats.LoraModule], key_map: dict, family: Family | None = None
+) -> list[str]:
+    """Why a LoRA must not be written: keys naming no module of the base, misfit shapes, a text-encoder part that
+    diffusers cannot recognise (it needs `out_proj` or an `mlp_*` layer, FORMATS.md rule 3), or (with the `family`)
+    an OpenCLIP attention part A1111 would ignore (`formats.open_clip_attention_problems`)."""
     problems = formats.lora_fit_problems(modules, key_map)
+    problems += formats.open_clip_attention_problems(family, modules, key_map) if family else []
     text_keys = [key for key in modules if key in key_map and key_map[key][0] != "unet"]
     if text_keys and not any(key.endswith("_out_proj") or "_mlp_" in key for key in text_keys):
         problems.append("the text-encoder part has only q/k/v projections, which diffusers cannot identify")
@@ -97,7 +101,12 @@ def lora_export_problems(modules: dict[str, formats.LoraModule], key_map: dict) 
 
 
 def save_lora_kohya(
-    path: Path, modules: dict[str, formats.LoraModule], key_map: dict, dtype: torch.dtype, metadata: dict[str, str]
+    path: Path,
+    modules: dict[str, formats.LoraModule],
+    key_map: dict,
+    dtype: torch.dtype,
+    metadata: dict[str, str],
+    family: Family | None = None,
 ) -> Path:
     """Verifies and writes a LoRA in kohya layout with A1111's self-hashes in the header.
 
@@ -107,11 +116,12 @@ def save_lora_kohya(
         key_map: kohya key -> module of the base model (see `formats.module_key_map`); every key must be in it.
         dtype: One dtype for all tensors (alpha included).
         metadata: Header entries (strings); `sshs_*` hashes are added.
+        family: The base model's family, for its client rules (OpenCLIP attention).
 
     Raises:
         FormatError: The LoRA does not fit the base model; nothing is written.
     """
-    problems = lora_export_problems(modules, key_map)
+    problems = lora_export_problems(modules, key_map, family)
     if problems:
         raise formats.FormatError(f"refusing to write {path}: " + "; ".join(problems) + ".")
     tensors = {}

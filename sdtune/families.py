@@ -66,7 +66,13 @@ class TextEncoder:
         final_layer_norm: Whether that state goes through the final LayerNorm (SD1.x/SD2.x) or not (SDXL).
         kohya_prefix: Prefix of its kohya LoRA keys; `text_model_` and the module path follow.
         embedding_key: Key of its vectors in Textual Inversion files.
-        checkpoint_prefix: Prefix of its weights in single-file checkpoints (transformers names follow).
+        checkpoint_prefix: Prefix of its weights in single-file checkpoints.
+        checkpoint_layout: How its weights are named under that prefix: `clip` (transformers' CLIP names, OpenAI
+            CLIP-L) or `open_clip` (OpenCLIP's names with q/k/v packed in `in_proj_weight`: SD2.x's and SDXL's
+            OpenCLIP encoders). A1111 runs OpenCLIP layers natively and patches their attention only when a LoRA
+            holds all of q, k, v and out for a layer (FORMATS.md).
+        pooled: Whether its projected, pooled output (at the first end-of-text token) conditions the UNet (SDXL's
+            second encoder).
     """
 
     component: str
@@ -78,6 +84,8 @@ class TextEncoder:
     kohya_prefix: str
     embedding_key: str
     checkpoint_prefix: str
+    checkpoint_layout: Literal["clip", "open_clip"] = "clip"
+    pooled: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,12 @@ class Family:
         kohya_base_model_version: What kohya writes as `ss_base_model_version`.
         kohya_base_model_version_v: The same for v-prediction models, when kohya writes another value.
         kohya_v2: What kohya writes as `ss_v2`.
+        time_ids: Whether the UNet takes SDXL's added conditioning: the pooled text embedding and the time ids
+            (original size, crop top-left, target size).
+        clip_skip: Whether `clip_skip` means something for it (SDXL reads the penultimate layer of both encoders
+            by design; kohya ignores `clip_skip` there with a warning, sdtune refuses it).
+        vae_overflows_in_fp16: Whether its VAE overflows to NaN in float16 (SDXL's): with fp16 mixed precision it is
+            kept in float32 unless another `vae` is given.
     """
 
     signature: Signature
@@ -111,6 +125,9 @@ class Family:
     modelspec_architecture_v: str | None = None
     kohya_base_model_version_v: str | None = None
     kohya_v2: bool = False
+    time_ids: bool = False
+    clip_skip: bool = True
+    vae_overflows_in_fp16: bool = False
 
     @property
     def name(self) -> str:
@@ -177,7 +194,54 @@ SD1 = Family(
     kohya_base_model_version="sd_v1",
 )
 
-# Families recognised (to be refused by name) but not trained yet. Detection tries the signatures in this order:
+SDXL = Family(
+    signature=Signature(
+        name="sdxl",
+        title="SDXL base",
+        checkpoint_keys=(("conditioner.embedders.1.",),),
+        pipeline_class="StableDiffusionXL",
+        kohya_versions=("sdxl_",),
+        lora_prefixes=("lora_te1_", "lora_te2_"),
+        embedding_keys=("clip_l", "clip_g"),
+    ),
+    text_encoders=(
+        TextEncoder(
+            component="text_encoder",
+            tokenizer="tokenizer",
+            model_class="CLIPTextModel",
+            pad_token="<|endoftext|>",
+            hidden_layer=-2,
+            final_layer_norm=False,
+            kohya_prefix="lora_te1_",
+            embedding_key="clip_l",
+            checkpoint_prefix="conditioner.embedders.0.transformer.text_model.",
+        ),
+        TextEncoder(
+            component="text_encoder_2",
+            tokenizer="tokenizer_2",
+            model_class="CLIPTextModelWithProjection",
+            pad_token="!",
+            hidden_layer=-2,
+            final_layer_norm=False,
+            kohya_prefix="lora_te2_",
+            embedding_key="clip_g",
+            checkpoint_prefix="conditioner.embedders.1.model.",
+            checkpoint_layout="open_clip",
+            pooled=True,
+        ),
+    ),
+    unet_key_style="ldm",
+    config_folder="sdxl",
+    pipeline_class="StableDiffusionXLPipeline",
+    modelspec_architecture="stable-diffusion-xl-v1-base",
+    modelspec_implementation="https://github.com/Stability-AI/generative-models",
+    kohya_base_model_version="sdxl_base_v1-0",
+    time_ids=True,
+    clip_skip=False,
+    vae_overflows_in_fp16=True,
+)
+
+# Every family recognised: the ones trained on, and the ones refused by name. Detection tries them in this order,
 # the more specific markers first.
 SIGNATURES = (
     Signature(
@@ -192,15 +256,7 @@ SIGNATURES = (
         checkpoint_keys=((LDM_UNET_KEYS + "double_blocks.",), ("double_blocks.",)),
         pipeline_class="Flux",
     ),
-    Signature(
-        "sdxl",
-        "SDXL base",
-        checkpoint_keys=(("conditioner.embedders.1.",),),
-        pipeline_class="StableDiffusionXL",
-        kohya_versions=("sdxl_",),
-        lora_prefixes=("lora_te1_", "lora_te2_"),
-        embedding_keys=("clip_l", "clip_g"),
-    ),
+    SDXL.signature,
     Signature("sdxl_refiner", "SDXL refiner", checkpoint_keys=(("conditioner.embedders.0.model.",),)),
     Signature(
         "sd2",
@@ -213,7 +269,7 @@ SIGNATURES = (
     ),
     SD1.signature,
 )
-FAMILIES = {family.name: family for family in (SD1,)}
+FAMILIES = {family.name: family for family in (SD1, SDXL)}
 KOHYA_UNET_PREFIX = "lora_unet_"
 
 
@@ -307,3 +363,10 @@ def shipped_configs(family: Family) -> dict:
     for component, file_name in config_files(family).items():
         configs[component] = json.loads((root / component / file_name).read_text(encoding="utf-8"))
     return configs
+
+
+def native_resolution(family: Family) -> int:
+    """The family's native image side in pixels, from its published configs: the UNet's sample size times the VAE's
+    downsampling (SD1.x 64 x 8 = 512, SDXL 128 x 8 = 1024)."""
+    configs = shipped_configs(family)
+    return configs["unet"]["sample_size"] * 2 ** (len(configs["vae"]["block_out_channels"]) - 1)

@@ -12,6 +12,7 @@ Used by training, export, `sdtune inspect` and inference; it never imports train
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -69,15 +70,36 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def module_key_map(family: Family, components: dict[str, nn.Module]) -> dict[str, tuple[str, str, nn.Module]]:
+def module_key_map(
+    family: Family, components: dict[str, nn.Module], other_spelling: bool = False
+) -> dict[str, tuple[str, str, nn.Module]]:
     """kohya key -> (component, module path, module) for every adaptable module of the components (`unet` and
-    text encoders by pipeline attribute name, e.g. `BaseModel.adaptable()`)."""
+    text encoders by pipeline attribute name, e.g. `BaseModel.adaptable()`).
+
+    With `other_spelling`, the UNet modules of an LDM-spelled family (SDXL) also answer to their diffusers paths:
+    other trainers write SDXL files so, and every client reads them. (The reverse is not offered: diffusers' SD1.x
+    loader cannot read LDM-spelled SD1.x files, FORMATS.md rule 1.)
+    """
     unet_config = getattr(components.get("unet"), "config", None)
+    spellings = [family]
+    if other_spelling and family.unet_key_style == "ldm":
+        spellings.append(dataclasses.replace(family, unet_key_style="diffusers"))
     keys = {}
     for component, model in components.items():
         for path, module in adaptable_modules(model).items():
-            keys[lora_key(family, component, path, unet_config)] = (component, path, module)
+            for spelling in spellings if component == "unet" else spellings[:1]:
+                keys.setdefault(lora_key(spelling, component, path, unet_config), (component, path, module))
     return keys
+
+
+def canonical_names(family: Family, modules: dict, key_map: dict, unet_config=None) -> dict:
+    """`modules` (kohya key -> anything) under the names the family writes, read through `key_map` (which may map
+    other spellings, see `module_key_map`); keys naming no module stay as they are."""
+    renamed = {}
+    for key, value in modules.items():
+        component, path = key_map[key][:2] if key in key_map else (None, None)
+        renamed[lora_key(family, component, path, unet_config) if component else key] = value
+    return renamed
 
 
 @dataclass
@@ -196,6 +218,25 @@ def parse_peft_lora(tensors: dict[str, torch.Tensor], path: Path, family: Family
     return modules
 
 
+def open_clip_attention_problems(family: Family, modules, key_map: dict) -> list[str]:
+    """Layers of an OpenCLIP text encoder (`checkpoint_layout: open_clip`, SDXL's second) whose attention holds a
+    LoRA on some of q, k, v and out but not all: A1111 runs OpenCLIP natively and applies such a layer's attention
+    LoRA only when all four are there (networks.py), so a subset would silently do nothing in it."""
+    open_clip = {encoder.component for encoder in family.text_encoders if encoder.checkpoint_layout == "open_clip"}
+    found: dict[tuple[str, int], set[str]] = {}
+    for key in modules:
+        component, path = key_map[key][:2] if key in key_map else (None, "")
+        if component in open_clip and (m := re.search(r"layers\.(\d+)\.self_attn\.(q|k|v|out)_proj$", path)):
+            found.setdefault((component, int(m[1])), set()).add(m[2])
+    return [
+        f"{component} layer {layer}: attention LoRA on {', '.join(sorted(parts))} only; A1111 applies an OpenCLIP "
+        "encoder's attention LoRA only when q, k, v and out are all present, so it would silently do nothing there "
+        "(train all four, as every sdtune preset does, or none)"
+        for (component, layer), parts in sorted(found.items())
+        if parts != {"q", "k", "v", "out"}
+    ]
+
+
 def lora_fit_problems(modules: dict[str, LoraModule], key_map: dict[str, tuple[str, str, nn.Module]]) -> list[str]:
     """Keys that name no module of the model, and factors whose shapes do not fit the module they name."""
     problems = []
@@ -272,8 +313,9 @@ def _embedding_vectors(data: dict, path: Path) -> tuple[str, dict[str, torch.Ten
             raise FormatError(f"{path}: A1111 embedding with {len(params)} entries; exactly one is loadable.")
         return "a1111-pt", {"text": next(iter(params.values())).detach()}
     paired = families.from_embedding_keys(data)
-    if paired:
-        return f"{paired.name}-pair", {key: data[key] for key in paired.embedding_keys}
+    if paired:  # with the extra tensors some trainers add (OneTrainer's `clip_l_out`, `clip_g_out`)
+        named = {key: value for key, value in data.items() if key.startswith(paired.embedding_keys)}
+        return f"{paired.name}-pair", {key: value for key, value in named.items() if isinstance(value, torch.Tensor)}
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if len(tensors) == 1:
         key, value = next(iter(tensors.items()))

@@ -23,7 +23,8 @@ from sdtune import atomic, compat, export, formats
 from sdtune.families import Family
 from sdtune.models import (
     BaseModel,
-    encode_prompts,
+    TextConditioning,
+    encode_text,
     file_sha256,
     load_base_model,
     tokenizer_fingerprint,
@@ -71,19 +72,27 @@ def pipeline_from_components(family: Family, components: Mapping, scheduler_conf
 
 
 def prompt_arguments(pipe, family: Family, prompts: list[str], negative_prompt: str, clip_skip: int) -> dict:
-    """The prompt arguments of a pipeline call: the text itself, or with `clip_skip` > 1 (kohya/A1111 counting)
-    embeddings computed by `models.encode_prompts` (embedding tokens expanded first, as the pipeline would)."""
+    """The prompt arguments of a pipeline call: the text itself, or embeddings computed as training computes them
+    (`models.encode_text`; embedding tokens expanded first, as the pipeline would) with `clip_skip` > 1
+    (kohya/A1111 counting) and for families with a pooled embedding (SDXL: the pooled state at the first end-of-text
+    token, which the pipeline's own argmax pooling misses once a placeholder token is added). An empty negative
+    prompt is zeros where the pipeline's config says so (SDXL's `force_zeros_for_empty_prompt`), as there."""
     negative = [negative_prompt] * len(prompts) if negative_prompt else None
-    if clip_skip == 1:
+    if clip_skip == 1 and not family.time_ids:
         return {"prompt": prompts, "negative_prompt": negative}
     tokenizer = getattr(pipe, family.text_encoders[0].tokenizer)  # every tokenizer of a family holds the same tokens
-    texts = pipe.maybe_convert_prompt(prompts, tokenizer)
-    negatives = pipe.maybe_convert_prompt(negative or [""] * len(prompts), tokenizer)
     device = getattr(pipe, family.text_encoders[0].component).device
-    return {
-        "prompt_embeds": encode_prompts(family, pipe.components, texts, device, clip_skip),
-        "negative_prompt_embeds": encode_prompts(family, pipe.components, negatives, device, clip_skip),
-    }
+    text = encode_text(family, pipe.components, pipe.maybe_convert_prompt(prompts, tokenizer), device, clip_skip)
+    if negative is None and pipe.config.get("force_zeros_for_empty_prompt", False):
+        pooled = None if text.pooled is None else torch.zeros_like(text.pooled)
+        unconditional = TextConditioning(torch.zeros_like(text.states), pooled)
+    else:
+        texts = pipe.maybe_convert_prompt(negative or [""] * len(prompts), tokenizer)
+        unconditional = encode_text(family, pipe.components, texts, device, clip_skip)
+    arguments = {"prompt_embeds": text.states, "negative_prompt_embeds": unconditional.states}
+    if text.pooled is not None:
+        arguments.update(pooled_prompt_embeds=text.pooled, negative_pooled_prompt_embeds=unconditional.pooled)
+    return arguments
 
 
 def generate_images(
@@ -327,7 +336,7 @@ class AdapterPipeline:
 
     def _verify_loaded(self, artifact, internal: str) -> None:
         """Fails closed when diffusers' loader skipped modules of the file (it only logs unmatched keys)."""
-        key_map = formats.module_key_map(self.base.family, self.base.adaptable())
+        key_map = formats.module_key_map(self.base.family, self.base.adaptable(), other_spelling=True)
         missing = []
         for name in artifact.lora_modules:
             component, module_path, _ = key_map[name]
@@ -428,6 +437,10 @@ class AdapterPipeline:
         Returns:
             The images, in prompt order.
         """
+        if clip_skip > 1 and not self.base.family.clip_skip:
+            raise ValueError(
+                f"clip_skip {clip_skip}: {self.base.family.title} has none (it reads the penultimate layer)"
+            )
         self.apply(extra_loras)
         default = self.default_size()
         return generate_images(

@@ -189,7 +189,17 @@ class BatchRunner:
         return loras
 
     def prepare(self, job: Job, where: str = "job") -> list[_Image]:
-        """Loads what the job needs (tags, job adapters) and expands it into images with their seeds."""
+        """Loads what the job needs (tags, job adapters) and expands it into images with their seeds.
+
+        Raises:
+            JobError: A setting the base model's family does not have (`clip_skip` on SDXL).
+        """
+        family = self.pipe.base.family
+        if job.clip_skip > 1 and not family.clip_skip:
+            raise JobError(
+                f"{where}: clip_skip {job.clip_skip}, but {family.title} reads the penultimate layer of every text "
+                "encoder by design, so clip_skip has no meaning for it; leave it at 1."
+            )
         for entry in job.embeddings:
             if isinstance(entry, dict):
                 self._ensure_embedding(str(entry.get("path") or entry.get("name")), entry.get("token"))

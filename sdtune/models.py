@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file as safe_load_file
 from safetensors.torch import save_file
 
 from sdtune import atomic, checkpoint_keys, families
+from sdtune.config import ConfigError
 from sdtune.errors import SdtuneError
 from sdtune.families import Family
 
@@ -87,9 +89,21 @@ class BaseModel:
         return {"unet": self.unet, **self.text_encoders}
 
 
-def encode_prompts(family: Family, parts: Mapping, prompts: list[str], device, clip_skip: int = 1) -> torch.Tensor:
-    """Text-encoder states for the UNet: per text encoder of the family the hidden state it feeds the UNet, with
-    kohya/A1111's `clip_skip` N taking the layer N-1 earlier, concatenated along the width (one encoder: as is).
+@dataclass
+class TextConditioning:
+    """What the text encoders give the UNet for a batch of prompts."""
+
+    states: torch.Tensor  # [batch, tokens, width]: the cross-attention context
+    pooled: torch.Tensor | None = None  # [batch, projection]: the pooled embedding (SDXL's added conditioning)
+
+
+def encode_text(family: Family, parts: Mapping, prompts: list[str], device, clip_skip: int = 1) -> TextConditioning:
+    """The text conditioning of `prompts`: per text encoder of the family the hidden state it feeds the UNet
+    (kohya/A1111's `clip_skip` N takes the layer N-1 earlier), concatenated along the width, and the pooled embedding
+    of the encoder that has one.
+
+    The pooled embedding is the projection of the final-LayerNorm state at the first end-of-text token (kohya's
+    `_pool_workaround`; CLIP's own argmax pooling picks the highest token id, which an added placeholder token is).
 
     Args:
         family: The base model's family (which encoders, which layer, whether through the final LayerNorm).
@@ -101,22 +115,40 @@ def encode_prompts(family: Family, parts: Mapping, prompts: list[str], device, c
             `clip_skip` counts one less and reads `text_encoder.text_model`, a level transformers 5 no longer has,
             so sdtune computes it here.
     """
-    states = []
+    states, pooled = [], None
     for spec in family.text_encoders:
         tokenizer, encoder = parts[spec.tokenizer], parts[spec.component]
         ids = tokenizer(
             prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(device)
+        output = encoder(ids, output_hidden_states=True)
+        model = getattr(encoder, "module", encoder)  # unwrapped from multi-process wrappers
         layer = spec.hidden_layer - (clip_skip - 1)
         if layer == -1 and spec.final_layer_norm:
-            states.append(encoder(ids)[0])  # last_hidden_state: the last layer through the final LayerNorm
-            continue
-        hidden = encoder(ids, output_hidden_states=True).hidden_states[layer]
-        if spec.final_layer_norm:
-            model = getattr(encoder, "module", encoder)  # unwrapped from multi-process wrappers
-            hidden = getattr(model, "text_model", model).final_layer_norm(hidden)
-        states.append(hidden)
-    return states[0] if len(states) == 1 else torch.cat(states, dim=-1)
+            states.append(output.last_hidden_state)  # the last layer through the final LayerNorm
+        elif spec.final_layer_norm:
+            states.append(getattr(model, "text_model", model).final_layer_norm(output.hidden_states[layer]))
+        else:
+            states.append(output.hidden_states[layer])
+        if spec.pooled:
+            first_end = (ids == tokenizer.eos_token_id).int().argmax(dim=-1)
+            pooled = model.text_projection(
+                output.last_hidden_state[torch.arange(len(ids), device=ids.device), first_end]
+            )
+    return TextConditioning(states[0] if len(states) == 1 else torch.cat(states, dim=-1), pooled)
+
+
+def encode_prompts(family: Family, parts: Mapping, prompts: list[str], device, clip_skip: int = 1) -> torch.Tensor:
+    """The cross-attention context of `prompts` (see `encode_text`)."""
+    return encode_text(family, parts, prompts, device, clip_skip).states
+
+
+def added_conditioning(family: Family, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict:
+    """The UNet's extra keyword arguments for a family with added conditioning (SDXL: the pooled text embedding and
+    the time ids, `[batch, 6]` = original height, width, crop top, left, target height, width); none otherwise."""
+    if not family.time_ids:
+        return {}
+    return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device, pooled.dtype)}}
 
 
 def cache_dir() -> Path:
@@ -342,6 +374,7 @@ def load_base_model(path: str | os.PathLike, config_dir: str | os.PathLike | Non
         folder = Path(config_dir) if config_dir else _config_dir_for(metadata, family)
         _check_config_matches(shapes, folder, path, family)
         components = _load_single_file_components(path, folder, family)
+        components["scheduler_config"] = with_schedule(components["scheduler_config"], _marked_schedule(shapes))
     for module in (*components["text_encoders"].values(), components["unet"], components["vae"]):
         module.requires_grad_(False)
         module.eval()
@@ -397,6 +430,23 @@ def _load_single_file_components(path: Path, config_folder: Path, family: Family
         "vae": pipeline.vae,
         "scheduler_config": dict(pipeline.scheduler.config),
     }
+
+
+# Empty marker tensors some single files carry (NoobAI-XL V-Pred and its merges; written by ComfyUI, OneTrainer,
+# SimpleTuner; read by A1111, ComfyUI, Forge): the model predicts v, its schedule has zero terminal SNR.
+SCHEDULE_MARKERS = {"v_pred": {"prediction_type": "v_prediction"}, "ztsnr": {"rescale_betas_zero_snr": True}}
+
+
+def with_schedule(scheduler_config: dict, settings: dict) -> dict:
+    """A scheduler config with `settings` in force. (diffusers' `from_config` ignores keys listed in the config's
+    `_use_default_values`, so a setting the original file lacked must leave that list too.)"""
+    defaults = [key for key in scheduler_config.get("_use_default_values", []) if key not in settings]
+    return {**scheduler_config, **settings, "_use_default_values": defaults}
+
+
+def _marked_schedule(keys) -> dict:
+    """Scheduler settings a single file's marker keys state (nothing without markers)."""
+    return {name: value for key, setting in SCHEDULE_MARKERS.items() if key in keys for name, value in setting.items()}
 
 
 def _config_dir_for(metadata: dict[str, str], family: Family) -> Path:
@@ -457,6 +507,59 @@ def _check_config_matches(shapes: dict[str, tuple[int, ...]], folder: Path, path
             f"base_model: {path} does not match the config in {folder}: {'; '.join(mismatches)}. "
             "Set base_model_config to a diffusers folder holding this model's configs."
         )
+
+
+def load_vae(path: str | os.PathLike, reference: torch.nn.Module, family: Family) -> torch.nn.Module:
+    """A VAE to use instead of the base model's, in float32: a diffusers AutoencoderKL folder (or a pipeline folder
+    with `vae/`), or a `.safetensors` file in the diffusers layout or the original one, read into the architecture
+    of `reference` (the base's own VAE).
+
+    Raises:
+        ModelError: Not a VAE sdtune can read, or one that does not fit the base model's VAE.
+    """
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            subfolder = "" if (path / "config.json").is_file() else "vae"
+            return AutoencoderKL.from_pretrained(
+                path, subfolder=subfolder, local_files_only=True, torch_dtype=torch.float32
+            )
+        tensors = safe_load_file(str(path))
+        if not any(key.startswith("encoder.down_blocks.") for key in tensors):  # the original layout
+            tensors = convert_ldm_vae_checkpoint(tensors, dict(reference.config))
+        vae = AutoencoderKL.from_config(reference.config)
+        vae.load_state_dict(tensors)
+        return vae.float()
+    except Exception as error:  # diffusers, torch and safetensors raise many types for a file that does not fit
+        raise ModelError(
+            f"vae: {path} could not be read as a {family.title} VAE ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:300]}). Give a diffusers AutoencoderKL folder or a .safetensors VAE file "
+            "of the base model's architecture."
+        ) from error
+
+
+def load_for_training(config) -> BaseModel:
+    """The base model a training config names, with its overrides: another VAE, a forced prediction type, zero
+    terminal SNR (the noise schedule, samples and the recorded base all follow them).
+
+    Raises:
+        ConfigError: Zero terminal SNR on an epsilon model (it cannot denoise pure noise at the last step).
+    """
+    base = load_base_model(config.base_model, config.base_model_config)
+    if config.vae:
+        base.vae = load_vae(config.vae, base.vae, base.family)
+    schedule = {"prediction_type": config.prediction_type} if config.prediction_type else {}
+    schedule |= {"rescale_betas_zero_snr": True} if config.zero_terminal_snr else {}
+    base.scheduler_config = with_schedule(base.scheduler_config, schedule)
+    if base.scheduler_config.get("rescale_betas_zero_snr") and base.prediction_type != "v_prediction":
+        raise ConfigError(
+            ["zero_terminal_snr: the last timestep is then pure noise, which an epsilon-prediction model cannot "
+             "denoise (Lin et al. 2024); use it with v-prediction models (prediction_type: v_prediction)."]
+        )  # fmt: skip
+    return base
 
 
 def read_base(path: str | os.PathLike, config_dir: str | os.PathLike | None = None) -> tuple[Family, dict]:
@@ -571,32 +674,63 @@ TINY_CONFIGS = {
         "layer_norm_eps": 1e-05,
     },
 }
-PRESETS = {"tiny": families.SD1, "sd15": families.SD1}  # preset -> the family whose published configs it starts from
+# SDXL's shape in small: two text encoders of different widths (so swapped keys cannot fit), their states
+# concatenated (32 + 64) for the cross-attention, the pooled projection (64) plus 6 time ids x 8 for the added
+# embedding, linear projections and 1/2 transformer layers per block as in SDXL.
+TINY_SDXL_CONFIGS = {
+    "unet": {
+        **TINY_CONFIGS["unet"],
+        "attention_head_dim": [2, 4],
+        "cross_attention_dim": 96,
+        "transformer_layers_per_block": [1, 2],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 64 + 6 * 8,
+    },
+    "vae": {**TINY_CONFIGS["vae"], "scaling_factor": 0.13025, "force_upcast": True},
+    "text_encoder": TINY_CONFIGS["text_encoder"],
+    "text_encoder_2": {
+        **TINY_CONFIGS["text_encoder"],
+        "architectures": ["CLIPTextModelWithProjection"],
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "hidden_act": "gelu",
+        "projection_dim": 64,
+        "pad_token_id": 0,
+    },
+}
+PRESETS = {  # preset -> (family whose published configs it starts from, the configs it replaces)
+    "tiny": (families.SD1, TINY_CONFIGS),
+    "sd15": (families.SD1, {}),
+    "tiny-sdxl": (families.SDXL, TINY_SDXL_CONFIGS),
+    "sdxl": (families.SDXL, {}),
+}
 
 
 def preset_configs(preset: str) -> dict:
-    """The component configs of a base-model preset: `tiny` (about 2 M parameters) or `sd15` (SD1.5's shapes)."""
+    """The component configs of a base-model preset: `tiny` (about 2 M parameters) or `sd15` (SD1.5's shapes),
+    `tiny-sdxl` or `sdxl` (SDXL 1.0 base's shapes, 3.5 B parameters)."""
     if preset not in PRESETS:
         raise ModelError(f"preset {preset!r} is not one of {', '.join(PRESETS)}.")
-    configs = families.shipped_configs(PRESETS[preset])
-    if preset == "tiny":
-        configs.update(copy.deepcopy(TINY_CONFIGS))
-    return configs
+    family, replaced = PRESETS[preset]
+    return {**families.shipped_configs(family), **copy.deepcopy(replaced)}
 
 
 def build_components(preset: str = "tiny", seed: int = 0) -> dict:
     """Random-weight components of a preset (its tokenizers and text encoders under their pipeline attribute names,
     `unet`, `vae`, `scheduler_config`, `configs`)."""
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     configs = preset_configs(preset)
     torch.manual_seed(seed)
     components = {}
-    for spec in PRESETS[preset].text_encoders:
+    for spec in PRESETS[preset][0].text_encoders:
         text_config = {k: v for k, v in configs[spec.component].items() if k not in ("architectures", "model_type")}
         components[spec.tokenizer] = build_clip_tokenizer(spec.pad_token)
-        components[spec.component] = CLIPTextModel(CLIPTextConfig(**text_config))
+        model_class = getattr(transformers, spec.model_class)
+        components[spec.component] = model_class(transformers.CLIPTextConfig(**text_config))
     return {
         **components,
         "unet": UNet2DConditionModel.from_config(configs["unet"]),
@@ -624,7 +758,7 @@ def write_base_model(
     """
     components = build_components(preset, seed)
     # A checkpoint with published shapes loads with the shipped config, like any real one; others carry theirs.
-    save_base_model(components, folder, checkpoint, dtype=dtype, embed_config=preset == "tiny")
+    save_base_model(components, folder, checkpoint, dtype=dtype, embed_config=bool(PRESETS[preset][1]))
 
 
 def family_of_configs(configs: dict) -> Family:
@@ -665,7 +799,7 @@ def save_base_model(
         }
         for spec in family.text_encoders:
             encoder_state = components[spec.component].state_dict()
-            state_dict.update(checkpoint_keys.text_encoder_to_ldm(encoder_state, spec.checkpoint_prefix))
+            state_dict.update(checkpoint_keys.text_encoder_to_checkpoint(encoder_state, spec))
         state_dict = {key: value.to(dtype).contiguous() for key, value in state_dict.items()}
         # default=str: configs of loaded models carry paths (`_name_or_path`), which JSON cannot hold as they are.
         metadata = {EMBEDDED_CONFIG_KEY: json.dumps(components["configs"], default=str)} if embed_config else {}

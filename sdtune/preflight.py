@@ -15,8 +15,9 @@ from typing import NamedTuple
 
 import torch
 
-from sdtune import data, logs, models, state
-from sdtune.config import ConfigError, TrainConfig
+from sdtune import data, families, logs, models, state
+from sdtune.config import ConfigError, TrainConfig, with_native_resolution
+from sdtune.families import Family
 from sdtune.methods import lora, textual_inversion
 
 OPTIONAL_OPTIMIZERS = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}  # optimizer_type -> pip package
@@ -61,8 +62,26 @@ def batch_summary(config: TrainConfig, processes: int) -> str:
     )
 
 
+def resolved(config: TrainConfig) -> TrainConfig:
+    """`config` with the defaults that follow from the base model's family filled in (`resolution`: its native size;
+    the bucket bounds), the family read cheaply (checkpoint keys or `model_index.json`). Unchanged when the base
+    model cannot be read: `preflight` says why.
+
+    Raises:
+        ConfigError: Bucket bounds that do not fit the resolution.
+    """
+    if config.resolution is not None:
+        return config
+    try:
+        family = models.require_supported(models.detect_family(config.base_model), Path(config.base_model))
+    except models.ModelError:
+        return config
+    return with_native_resolution(config, families.native_resolution(family))
+
+
 def preflight(config: TrainConfig) -> list[data.Example]:
     """Every check that needs no model weights: data files, captions, model family, tokens, method, packages.
+    `config` should be `resolved` (a config without a resolution skips the image-size checks).
 
     Returns:
         The training examples.
@@ -83,6 +102,7 @@ def preflight(config: TrainConfig) -> list[data.Example]:
     except models.ModelError as error:
         errors.append(str(error))
     else:
+        errors += _family_problems(config, family)
         if config.network_weights:
             errors += lora.file_config_problems(Path(config.network_weights), config, family)
         if config.uses_ti:
@@ -90,6 +110,16 @@ def preflight(config: TrainConfig) -> list[data.Example]:
     if errors:
         raise ConfigError(errors, "checks before loading the model")
     return examples
+
+
+def _family_problems(config: TrainConfig, family: Family) -> list[str]:
+    """Settings that mean nothing for the base model's family."""
+    if config.clip_skip > 1 and not family.clip_skip:
+        return [
+            f"clip_skip: {config.clip_skip}, but {family.title} reads the penultimate layer of every text encoder by "
+            "design, so clip_skip has no meaning for it (kohya ignores it with a warning); remove clip_skip."
+        ]
+    return []
 
 
 def _token_problems(config: TrainConfig, tokenizers: list, examples: list[data.Example]) -> list[str]:

@@ -115,27 +115,33 @@ def setup(config: TrainConfig) -> Run:
         ConfigError: Bad data, tokens, model or LoRA file.
         models.ModelError: The base model cannot be loaded.
     """
+    config = preflight.resolved(config)
     examples = preflight.preflight(config)
     started_at = time.time()
     accelerator = _accelerator(config)
     set_seed(config.seed)
-    base = models.load_base_model(config.base_model, config.base_model_config)
-    if config.prediction_type:  # forced: noise schedule, samples and the recorded base all follow it
-        logger.info("prediction_type %s (the base's scheduler says %s)", config.prediction_type, base.prediction_type)
-        base.scheduler_config = {**base.scheduler_config, "prediction_type": config.prediction_type}
+    base = models.load_for_training(config)
     record = compat.base_record(base)  # before a placeholder changes the tokenizers
     trainables = methods.attach(config, base)
     if config.mixed_precision in HALF_DTYPES:
-        methods.store_frozen_in_half(base, trainables, HALF_DTYPES[config.mixed_precision], config.no_half_vae)
+        # a VAE that overflows in fp16 (SDXL's) stays float32 unless the config names another one
+        keep_vae = config.no_half_vae or (
+            config.mixed_precision == "fp16" and base.family.vae_overflows_in_fp16 and not config.vae
+        )
+        methods.store_frozen_in_half(base, trainables, HALF_DTYPES[config.mixed_precision], keep_vae)
     if config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     if config.xformers:
         base.unet.enable_xformers_memory_efficient_attention()
     for module in (base.unet, base.vae, *base.text_encoders.values()):
         module.to(accelerator.device)
-    loader, dataset_summary = data.training_loader(
-        config, examples, accelerator.num_processes, accelerator.process_index, _latent_cache(config, base)
-    )
+    latents = None
+    if config.cache_latents:  # every image encoded once (or read from the disk cache) instead of every step
+        folder = models.cache_dir() / "latents" if config.cache_latents_to_disk else None
+        vae_source = Path(config.vae) if config.vae else base.source
+        latents = data.vae_latents(base.vae, folder, models.base_model_sha256(vae_source))
+    processes = (accelerator.num_processes, accelerator.process_index)
+    loader, dataset_summary = data.training_loader(config, examples, *processes, latents)
     steps = preflight.steps_plan(config, len(examples), len(loader))
     optimizer = _optimizer(config, trainables)
     lr_schedule = get_scheduler(
@@ -173,22 +179,6 @@ def _accelerator(config: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def _latent_cache(config: TrainConfig, base: models.BaseModel):
-    """With `cache_latents`: (the cache, how to fill it) for `data.training_loader`; images are encoded once, or read
-    from the disk cache, instead of every step."""
-    if not config.cache_latents:
-        return None
-    folder = models.cache_dir() / "latents" if config.cache_latents_to_disk else None
-    vae_id = f"{models.base_model_sha256(base.source)}:{next(base.vae.parameters()).dtype}"
-
-    def encode(pixels: torch.Tensor):
-        with torch.no_grad():
-            distribution = base.vae.encode(pixels.to(base.vae.device, base.vae.dtype)).latent_dist
-        return distribution.mean.float(), distribution.std.float()
-
-    return data.LatentCache(folder, vae_id), encode
-
-
 def _optimizer(config: TrainConfig, trainables: Trainables) -> torch.optim.Optimizer:
     """The configured optimizer over one parameter group per trainable part, each with its learning rate."""
     rates = config.group_learning_rates()
@@ -221,19 +211,28 @@ def _prepare_modules(accelerator: Accelerator, base: models.BaseModel, trainable
 # One step
 
 
-def _text_states(run: Run, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """The run's text-encoder states for `prompts` (with its `clip_skip`), see `models.encode_prompts`."""
-    return models.encode_prompts(run.base.family, run.text_parts, prompts, device, run.config.clip_skip)
+def _text(run: Run, prompts: list[str], device: torch.device) -> models.TextConditioning:
+    """The run's text conditioning of `prompts` (with its `clip_skip`), see `models.encode_text`."""
+    return models.encode_text(run.base.family, run.text_parts, prompts, device, run.config.clip_skip)
 
 
-def _cached_prompts(run: Run, captions: list[str], device: torch.device) -> torch.Tensor:
+def _cached_text(run: Run, captions: list[str], device: torch.device) -> models.TextConditioning:
     """Text-encoder outputs with `cache_text_encoder_outputs`: each distinct caption is encoded once."""
     missing = sorted({caption for caption in captions if caption not in run.text_cache})
     if missing:
         with torch.no_grad():
-            encoded = _text_states(run, missing, device)
-        run.text_cache.update(zip(missing, encoded, strict=True))
-    return torch.stack([run.text_cache[caption] for caption in captions])
+            encoded = _text(run, missing, device)
+        pooled = encoded.pooled if encoded.pooled is not None else [None] * len(missing)
+        run.text_cache.update(zip(missing, zip(encoded.states, pooled, strict=True), strict=True))
+    states, pooled = zip(*(run.text_cache[caption] for caption in captions), strict=True)
+    return models.TextConditioning(torch.stack(states), None if pooled[0] is None else torch.stack(pooled))
+
+
+def _predict(run: Run, unet, noisy, timesteps, text: models.TextConditioning, time_ids) -> torch.Tensor:
+    """The UNet's prediction with the family's conditioning (SDXL adds the pooled embedding and the time ids)."""
+    return unet(
+        noisy, timesteps, text.states, **models.added_conditioning(run.base.family, text.pooled, time_ids)
+    ).sample
 
 
 def _latent_distribution(batch: dict, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,11 +262,11 @@ def _loss(batch: dict, run: Run, captions: list[str]) -> torch.Tensor:
         latents = ((mean + std * draws.latent_noise) * run.base.vae.config.scaling_factor).contiguous()
     noisy = scheduler.add_noise(latents, draws.noise, draws.timesteps)
     if run.text_cache is not None:
-        hidden_states = _cached_prompts(run, captions, device)
+        text = _cached_text(run, captions, device)
     else:
         with torch.set_grad_enabled(run.trainables.text_path_trains):  # no activations kept for a frozen text path
-            hidden_states = _text_states(run, captions, device)
-    prediction = run.unet(noisy, draws.timesteps, hidden_states).sample
+            text = _text(run, captions, device)
+    prediction = _predict(run, run.unet, noisy, draws.timesteps, text, batch["time_ids"])
     weights = batch["loss_weight"].to(device, torch.float32) if config.uses_reg_images else None  # reg images
     if config.min_snr_gamma:
         snr_weights = diffusion.min_snr_weights(scheduler, draws.timesteps, config.min_snr_gamma)
@@ -275,21 +274,22 @@ def _loss(batch: dict, run: Run, captions: list[str]) -> torch.Tensor:
     target = diffusion.training_target(scheduler, latents, draws.noise, draws.timesteps)
     loss = diffusion.denoising_loss(prediction, target, weights)
     if config.prior_preservation_prompts:
-        loss = loss + config.prior_loss_weight * _prior_loss(run, noisy, draws.timesteps, draws.prior_picks)
+        prior = _prior_loss(run, noisy, draws.timesteps, draws.prior_picks, batch["time_ids"])
+        loss = loss + config.prior_loss_weight * prior
     return loss
 
 
-def _prior_loss(run: Run, noisy: torch.Tensor, timesteps: torch.Tensor, picks: list[int]) -> torch.Tensor:
+def _prior_loss(run: Run, noisy, timesteps, picks: list[int], time_ids=None) -> torch.Tensor:
     """How far the trained model's predictions for prior prompts (`picks`: one per example) are from the base
     model's, both on the batch's noisy latents: a distillation form of DreamBooth's prior preservation (Ruiz et al.
     2023) that needs no class images."""
     chosen, device = [run.config.prior_preservation_prompts[i] for i in picks], noisy.device
     with torch.no_grad(), lora.adapters_disabled(*run.base.adaptable().values()):
-        states = _text_states(run, chosen, device)
-        target = run.base.unet(noisy, timesteps, states).sample  # no gradient: the unwrapped module
+        text = _text(run, chosen, device)
+        target = _predict(run, run.base.unet, noisy, timesteps, text, time_ids)  # no gradient: the unwrapped module
     if run.trainables.text_encoder:  # only a text-encoder LoRA changes these prompts' states
-        states = _text_states(run, chosen, device)
-    return diffusion.denoising_loss(run.unet(noisy, timesteps, states).sample, target)
+        text = _text(run, chosen, device)
+    return diffusion.denoising_loss(_predict(run, run.unet, noisy, timesteps, text, time_ids), target)
 
 
 def _train_step(run: Run, batch: dict) -> torch.Tensor:
@@ -483,7 +483,8 @@ def _save_outputs(run: Run, steps: int, final: bool) -> list[Path]:
         key_map, modules = formats.module_key_map(family, components), lora.extract(family, components)
         metadata = export.lora_metadata(config, family, run.record, _lora_run_facts(run, steps, final))
         path = folder / f"{config.output_name}{suffix}.safetensors"
-        written.append(export.save_lora_kohya(path, modules, key_map, SAVE_DTYPES[config.save_precision], metadata))
+        dtype = SAVE_DTYPES[config.save_precision]
+        written.append(export.save_lora_kohya(path, modules, key_map, dtype, metadata, family))
         if final and "diffusers" in config.export_formats:
             written.append(export.save_lora_diffusers(folder / f"{config.output_name}_diffusers", family, components))
     return written
@@ -516,11 +517,8 @@ def _save_state(run: Run, position: state.Position) -> Path | None:
 def _non_finite_message(run: Run, step: int, value: float, last: state.Position) -> str:
     """Where the loss broke, what was saved, the likely causes and what to change."""
     saved_state = _save_state(run, last)
-    saved = (
-        f"the last good state (step {last.step}) is in {saved_state}"
-        if saved_state
-        else "no state saved (save_state off)"
-    )
+    saved = f"the last good state (step {last.step}) is in {saved_state}"
+    saved = saved if saved_state else "no state saved (save_state off)"
     rates = ", ".join(f"{g['name']} {g['lr']:.2e}" for g in run.optimizer.param_groups)
     return (
         f"step {step}: the loss is {value}, so training stopped before it reached the weights; {saved}. Likely "

@@ -103,16 +103,17 @@ def a1111_compvis_name(key: str) -> str:
     return key
 
 
-def a1111_layer_names(checkpoint_keys) -> set[str]:
-    """A1111's `network_layer_mapping` names of an SD1.x checkpoint: module paths with `_`, relative to
-    `sd_model.model` (UNet) and to the CLIP wrapper (text encoder)."""
+def a1111_layer_names(checkpoint_keys, text_root: str = "cond_stage_model.") -> set[str]:
+    """A1111's `network_layer_mapping` names of a checkpoint: module paths with `_`, relative to `sd_model.model`
+    (UNet: `diffusion_model_...`) and to the text encoders' root (SD1.x: the CLIP wrapper, `transformer_...`; SDXL:
+    `conditioner.embedders.`, so each embedder's index leads: `0_transformer_...`, `1_model_transformer_...`)."""
     names = set()
     for key in checkpoint_keys:
         module = key.rsplit(".", 1)[0]
         if module.startswith("model.diffusion_model."):
             names.add(module.removeprefix("model.").replace(".", "_"))
-        elif module.startswith("cond_stage_model.transformer."):
-            names.add(module.removeprefix("cond_stage_model.").replace(".", "_"))
+        elif module.startswith(text_root):
+            names.add(module.removeprefix(text_root).replace(".", "_"))
     return names
 
 
@@ -155,3 +156,56 @@ def comfyui_unloaded_keys(lora_keys, key_map: set[str]) -> list[str]:
         if module is None or module not in key_map:
             left.append(key)
     return sorted(left)
+
+
+# --- SDXL -------------------------------------------------------------------------------------------------------
+
+
+def comfyui_sdxl_key_map(ldm_unet_keys, clip_l_layers: int, clip_g_layers: int) -> set[str]:
+    """The kohya module names ComfyUI maps for an SDXL model (comfy/lora.py): `lora_unet_` + every LDM weight path,
+    `lora_te1_text_model_encoder_layers_<i>_<...>` for CLIP-L and `lora_te2_...` for CLIP-G (when CLIP-L exists)."""
+    names = {
+        "lora_unet_" + k.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(".", "_")
+        for k in ldm_unet_keys
+        if k.endswith(".weight")
+    }
+    for prefix, layers in (("lora_te1", clip_l_layers), ("lora_te2", clip_g_layers)):
+        for layer in range(layers):
+            names |= {f"{prefix}_text_model_encoder_layers_{layer}_{suffix}" for suffix in _COMFY_CLIP_MAP.values()}
+    return names
+
+
+def _a1111_sdxl_name(module: str, layers: set[str]) -> str | None:
+    """The `network_layer_mapping` entry A1111 finds for an SDXL kohya module name (networks.py: convert the te2
+    names to OpenCLIP's, try them, then an `_[qkv]_proj` name's attention module, then `lora_unet` ->
+    `diffusion_model` and `lora_te1_text_model` -> `0_transformer_text_model`), or None."""
+    import re
+
+    if m := re.match(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", module):
+        rest = m[2].replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn")
+        module = f"1_model_transformer_resblocks_{m[1]}_{rest}"
+    if module in layers:
+        return module
+    if (m := re.match(r"(.*)_([qkv]_proj)$", module)) and m[1] in layers:
+        return m[1]
+    for kohya, compvis in (("lora_unet", "diffusion_model"), ("lora_te1_text_model", "0_transformer_text_model")):
+        if module.startswith(kohya) and module.replace(kohya, compvis, 1) in layers:
+            return module.replace(kohya, compvis, 1)
+    return None
+
+
+def a1111_sdxl_unmatched_keys(lora_keys, checkpoint_keys) -> list[str]:
+    """SDXL LoRA modules A1111 would not apply: names it does not match, and OpenCLIP (te2) attention parts of a
+    layer that lacks any of q, k, v and out (A1111 patches a MultiheadAttention only with all four)."""
+    layers = a1111_layer_names(checkpoint_keys, "conditioner.embedders.")
+    modules = {key.split(".", 1)[0] for key in lora_keys}
+    unmatched = [m for m in modules if _a1111_sdxl_name(m, layers) is None]
+    attention: dict[str, set[str]] = {}
+    for module in modules:
+        if module.startswith("lora_te2_") and "_self_attn_" in module:
+            layer, _, part = module.rpartition("_self_attn_")
+            attention.setdefault(layer, set()).add(part)
+    for layer, parts in attention.items():
+        if parts != {"q_proj", "k_proj", "v_proj", "out_proj"}:
+            unmatched += [f"{layer}_self_attn_{part}" for part in parts]
+    return sorted(unmatched)

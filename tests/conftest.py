@@ -31,6 +31,18 @@ def tiny_base(tmp_path_factory, _isolated_cache) -> dict[str, Path]:
     return {"folder": folder, "checkpoint": checkpoint}
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory, _isolated_cache) -> dict[str, Path]:
+    """A tiny SDXL-family model (two text encoders of widths 32 and 64, time-id embedding) as a diffusers folder and
+    as an original-layout single-file checkpoint (same weights)."""
+    from sdtune.models import write_base_model
+
+    root = tmp_path_factory.mktemp("tiny-sdxl")
+    folder, checkpoint = root / "tiny-sdxl", root / "tiny-sdxl.safetensors"
+    write_base_model(folder, checkpoint, preset="tiny-sdxl", seed=0)
+    return {"folder": folder, "checkpoint": checkpoint}
+
+
 @pytest.fixture
 def ti_config_dict(tiny_base, tmp_path) -> dict:
     """A small, valid TI config on the sample data and the tiny base (as YAML values)."""

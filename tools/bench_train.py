@@ -2,6 +2,7 @@
 
     python tools/bench_train.py                          # SD1.5 shapes (random weights), 512x512, on a GPU
     python tools/bench_train.py --preset tiny --resolution 64 --steps 6 --warmup 2   # a quick CPU check
+    python tools/bench_train.py --preset sdxl --base-dtype fp16 --resolution 1024 --only 3,8,9   # SDXL, on a GPU
 
 Writes a random-weight base model with the preset's shapes (`sdtune make-base`; no download), a folder of captioned
 random images, then runs `sdtune train` once per setting (its own process, so peak memory is that setting's) and
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from PIL import Image
 
@@ -43,6 +45,12 @@ SETTINGS = {  # name -> config keys on top of the common LoRA config; the first 
     "TI bf16, batch 4": {
         "method": "ti", "mixed_precision": "bf16", "batch_size": 4, "placeholder_token": "<thing>",
         "init_word": "object", "lora_rank": None, "lora_targets": None, "save_precision": None,
+    },
+    "LoRA bf16, batch 1, gradient checkpointing": {
+        "mixed_precision": "bf16", "batch_size": 1, "gradient_checkpointing": True,
+    },
+    "LoRA bf16, batch 1, gradient checkpointing, cached latents": {
+        "mixed_precision": "bf16", "batch_size": 1, "gradient_checkpointing": True, "cache_latents": True,
     },
 }  # fmt: skip
 
@@ -98,7 +106,8 @@ def run_setting(name: str, extra: dict, common: dict, work: Path, warmup: int) -
 def main() -> None:
     """Runs every setting and prints the table (Markdown); `--json` also writes the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="sd15", help="sdtune make-base preset (sd15 or tiny)")
+    parser.add_argument("--preset", default="sd15", help="sdtune make-base preset (sd15, sdxl, tiny, tiny-sdxl)")
+    parser.add_argument("--base-dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the written base")
     parser.add_argument("--base", type=Path, help="an existing base model folder instead of a random --preset one")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--steps", type=int, default=30)
@@ -120,7 +129,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="sdtune-bench-train-"))
     base = args.base or work / "base"
     if args.base is None:
-        write_base_model(base, preset=args.preset)
+        write_base_model(
+            base, preset=args.preset, dtype={"fp32": torch.float32, "fp16": torch.float16}[args.base_dtype]
+        )
     write_images(work / "images", 8, args.resolution)
     common = {
         "method": "lora", "base_model": str(base), "train_data_dir": str(work / "images"),

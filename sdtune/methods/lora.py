@@ -262,11 +262,15 @@ def _file_plan(config: TrainConfig, family: Family, components: dict[str, nn.Mod
     """The plan that recreates `network_weights`, after checking it fits the components and `lora_targets`."""
     path = Path(config.network_weights)
     modules = formats.parse_kohya_lora(formats.read_safetensors(path)[0], path)
+    problems = formats.lora_fit_problems(modules, formats.module_key_map(family, components, other_spelling=True))
+    unet_config = getattr(components.get("unet"), "config", None)
+    modules = formats.canonical_names(
+        family, modules, formats.module_key_map(family, components, other_spelling=True), unet_config
+    )  # what this run writes: the family's own spelling
     key_map = formats.module_key_map(family, components)
-    problems = formats.lora_fit_problems(modules, key_map)
+    problems += [] if problems else formats.open_clip_attention_problems(family, modules, key_map)
     if not problems and config.lora_targets is not None:
         preset = _preset_plan(config, components, include_unet=True, include_text=True)
-        unet_config = getattr(components.get("unet"), "config", None)
         expected = {
             formats.lora_key(family, component, module_path, unet_config)
             for component, targets in preset.targets.items()

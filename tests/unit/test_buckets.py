@@ -100,7 +100,18 @@ def test_bucket_settings_are_checked():
         )
     assert "bucket_reso_steps: must be a multiple of 8" in str(error.value)
     with pytest.raises(ConfigError, match="need min <= resolution <= max"):
-        parse_config({"base_model": "m", "train_data_dir": "d", "enable_bucket": True, "resolution": 2048})
+        parse_config(
+            {
+                "base_model": "m",
+                "train_data_dir": "d",
+                "enable_bucket": True,
+                "resolution": 2048,
+                "max_bucket_reso": 1024,
+            }
+        )
+    scaled = parse_config({"base_model": "m", "train_data_dir": "d", "enable_bucket": True, "resolution": 1024})
+    assert (scaled.min_bucket_reso, scaled.max_bucket_reso) == (512, 2048)  # unset bounds: half and twice
+    assert parse_config({"base_model": "m", "train_data_dir": "d", "resolution": 512}).max_bucket_reso == 1024
 
 
 def test_training_with_buckets_uses_bucket_sizes_and_records_them(tiny_base, tmp_path):

@@ -92,13 +92,6 @@ def test_pickle_with_code_is_refused(tmp_path):
             },
             "Stable Diffusion 2.x",
         ),
-        (
-            {
-                "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3),
-                "conditioner.embedders.1.model.positional_embedding": (77, 4),
-            },
-            "SDXL base",
-        ),
         ({"conditioner.embedders.0.model.text_projection": (4, 4)}, "SDXL refiner"),
         ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": (4,)}, "Stable Diffusion 3.x"),
         ({"double_blocks.0.img_attn.norm.key_norm.scale": (4,)}, "FLUX"),
