@@ -20,6 +20,16 @@ def _isolated_cache(tmp_path_factory):
     os.environ["SDTUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("sdtune-cache"))
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one mixed-precision setting per process; tests that switch it reset it around themselves."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, _isolated_cache) -> dict[str, Path]:
     """A tiny SD1-family model written as a diffusers folder and as a single-file checkpoint (same weights)."""

@@ -10,15 +10,7 @@ from safetensors.torch import load_file
 from sdtune import preflight, train
 from sdtune.config import parse_config
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerator_state():
-    """accelerate keeps one mixed-precision setting per process; tests switch it, so reset around each."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 @pytest.fixture

@@ -384,6 +384,7 @@ def test_sdxl_sample_grid_is_drawn_again_by_sdtune_generate(sdxl_dict, tmp_path,
     "precision",
     ["bf16", pytest.param("fp16", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 needs CUDA"))],
 )
+@pytest.mark.usefixtures("fresh_accelerator_state")
 def test_sdxl_vae_stays_float32_only_in_fp16(sdxl_dict, precision):
     run = setup(parse_config({**sdxl_dict, "mixed_precision": precision, "train_text_encoder": False}))
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
