@@ -13,7 +13,7 @@ from sdtune import compat, data, formats, inference, jobs, labeling, preflight, 
 from sdtune._version import __version__
 from sdtune.config import ConfigError, load_config
 from sdtune.errors import SdtuneError
-from sdtune.models import PRESETS, load_base_model, write_base_model
+from sdtune.models import PRESETS, ModelError, load_base_model, read_base, write_base_model
 
 EXIT_BAD_INPUT = 2
 
@@ -94,6 +94,11 @@ def cmd_data(args: argparse.Namespace) -> int:
             f"{config.gradient_accumulation_steps} accumulation -> {per_epoch} optimizer steps per epoch; "
             f"{total} steps in {epochs} epoch(s)"
         )
+    try:  # tokenizers only (no weights): the caption checks `validate` makes
+        _, tokenizers = read_base(config.base_model, config.base_model_config)
+        problems += preflight.caption_problems(config, list(tokenizers.values()), examples)
+    except ModelError as error:  # the data can still be shown; `validate` reports the base model
+        print(f"caption lengths not checked: {error}", file=sys.stderr)
     if problems:
         raise ConfigError(problems, "data")
     return 0
@@ -101,6 +106,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_label(args: argparse.Namespace) -> int:
     """`sdtune label DIR [--backend template|openclip|blip] ...`: write or update DIR/metadata.csv."""
+    labeling.folder_images(Path(args.folder))  # a wrong folder is reported before any model is looked up
     result = labeling.label_folder(
         Path(args.folder),
         _captioner(args),
@@ -110,8 +116,11 @@ def cmd_label(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         batch_size=args.batch_size,
         caption_column=args.caption_column,
+        bad_images=args.bad_images,
     )
     print(f"wrote {result.written} caption(s), kept {result.kept} existing: {result.path}")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} image(s) that do not decode (--bad-images skip)", file=sys.stderr)
     top = list(result.tag_frequency.items())[:15]
     if top:
         print("tags: " + ", ".join(f"{tag} ({count})" for tag, count in top))
@@ -119,6 +128,12 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def _captioner(args: argparse.Namespace) -> labeling.Captioner:
+    """The captioner of `--backend`, its model and options checked on disk (nothing loaded or downloaded yet)."""
+    used = {"template": (), "blip": ("model",), "openclip": ("model", "pretrained", "model_config", "tags")}
+    ignored = [name for name in ("model", "pretrained", "model_config", "tags") if getattr(args, name)]
+    ignored = [f"--{name.replace('_', '-')}" for name in ignored if name not in used[args.backend]]
+    if ignored:
+        raise labeling.LabelError(f"{', '.join(ignored)}: not used by --backend {args.backend}; drop it or change it.")
     if args.backend == "template":
         return labeling.TemplateCaptioner(args.template, args.trigger or "")
     if not args.model:
@@ -126,12 +141,8 @@ def _captioner(args: argparse.Namespace) -> labeling.Captioner:
     if args.backend == "blip":
         return labeling.BlipCaptioner(args.model, device=args.device)
     if args.model_config:
-        import open_clip  # seconds to import: only for the openclip backend
-
-        open_clip.add_model_config(args.model_config)
-    tags = labeling.DEFAULT_TAGS
-    if args.tags:
-        tags = tuple(t.strip() for t in Path(args.tags).read_text(encoding="utf-8").splitlines() if t.strip())
+        labeling.register_openclip_config(args.model_config)
+    tags = labeling.read_tags(args.tags) if args.tags else labeling.DEFAULT_TAGS
     return labeling.OpenClipTagger(args.model, args.pretrained, tags, args.top_k, args.threshold, args.device)
 
 
@@ -159,19 +170,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "guidance": args.guidance, "width": args.width, "height": args.height, "sampler": args.sampler,
         "clip_skip": args.clip_skip,
     }  # fmt: skip
-    work = [jobs.make_job({"prompt": p}, defaults, f"--prompt {p!r}") for p in args.prompt]
+    jobs.make_job({"prompt": ""}, defaults, "command line")  # its own values, even where every job overrides them
+    work = [jobs.make_job({"prompt": p}, defaults, f"--prompt {jobs.shorten(p)!r}") for p in args.prompt]
     for path in args.prompts_file + args.jobs:
         work += jobs.read_jobs(Path(path), defaults)
     if not work:
         raise jobs.JobError("nothing to generate: give --prompt, --prompts-file or --jobs")
+    jobs.check_run_options(Path(args.out), args.batch_size)
     library = prompts.AdapterLibrary(args.lora_dir, args.embedding_dir)
+    loras = []
+    for spec in args.lora:  # weights read before the model loads
+        path, numbers = jobs.split_spec(spec)
+        loras.append((path, prompts.lora_weights(Path(path).stem, numbers, f"--lora {spec}")))
     _quiet_libraries()
     pipe = inference.AdapterPipeline.from_base(
         args.base, sampler=args.sampler, device=args.device, config_dir=args.base_config
     )
-    for spec in args.lora:
-        path, numbers = jobs.split_spec(spec)
-        te, unet = prompts.lora_weights(Path(path).stem, numbers, f"--lora {spec}")
+    for path, (te, unet) in loras:
         jobs.report_warnings(pipe.add_lora(path, text_encoder_weight=te, unet_weight=unet, force=args.force))
     for spec in args.embedding:
         path, token = jobs.split_spec(spec)
@@ -187,7 +202,7 @@ def cmd_make_base(args: argparse.Namespace) -> int:
     """`sdtune make-base DIR [--checkpoint FILE]`: write a random-weight base model (SD1.x or SDXL) offline."""
     _quiet_libraries()
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
-    write_base_model(args.folder, args.checkpoint, preset=args.preset, seed=args.seed, dtype=dtype)
+    write_base_model(args.folder, args.checkpoint, args.preset, args.seed, dtype, overwrite=args.overwrite)
     for path in (args.folder, args.checkpoint):
         if path:
             print(f"wrote {path}")
@@ -222,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     sub.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the checkpoint file")
+    sub.add_argument("--overwrite", action="store_true", help="replace a folder/file an earlier make-base wrote")
     sub.set_defaults(function=cmd_make_base)
     sub = commands.add_parser("label", help="caption an image folder into metadata.csv (file_name,text)")
     _add_label_arguments(sub)
@@ -243,8 +259,12 @@ def _add_label_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--batch-size", type=int, default=8, help="images per model call")
     sub.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     sub.add_argument("--caption-column", default="text", help="caption column of metadata.csv")
-    sub.add_argument("--model", help="openclip: model name (e.g. ViT-B-32); blip: model folder or hub name")
-    sub.add_argument("--pretrained", help="openclip: local checkpoint file or pretrained tag (e.g. openai)")
+    bad = "openclip/blip: an image that does not decode stops the run (error) or stays uncaptioned (skip)"
+    sub.add_argument("--bad-images", choices=("error", "skip"), default="error", help=bad)
+    sub.add_argument("--model", help="openclip: model name (e.g. ViT-B-32); blip: model folder or downloaded hub name")
+    sub.add_argument(
+        "--pretrained", help="openclip: local checkpoint file, or pretrained tag (e.g. openai) already downloaded"
+    )
     sub.add_argument("--model-config", help="openclip: JSON config of a model open_clip does not list")
     sub.add_argument("--tags", help="openclip: tag vocabulary file, one tag per line (default: a built-in list)")
     sub.add_argument("--top-k", type=int, default=5, help="openclip: tags per image")
@@ -259,7 +279,7 @@ def _add_generate_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--jobs", action="append", default=[], help="YAML or JSONL job file (per-job settings)")
     sub.add_argument("--negative", default="", help="negative prompt")
     sub.add_argument("--n", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
-    sub.add_argument("--seed", type=int, help="first seed (default: random, recorded with each image)")
+    sub.add_argument("--seed", type=int, help="first seed, 0 to 2**64-1 (default or -1: random, recorded)")
     sub.add_argument("--batch-size", type=int, default=1, help="images per forward pass (same images, faster)")
     sub.add_argument("--steps", type=int, default=20, help="sampling steps")
     sub.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (CFG) scale")

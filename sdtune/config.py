@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -274,7 +275,13 @@ class TrainConfig:
     max_bucket_reso: Optional[int] = _field(
         None, "Buckets: largest side in pixels (default: twice the resolution, in bucket_reso_steps).", "data", ge=8
     )
-    bucket_reso_steps: int = _field(64, "Buckets: sides are multiples of this (a multiple of 8).", "data", ge=8)
+    bucket_reso_steps: Optional[int] = _field(
+        None,
+        "Buckets: sides are multiples of this (a multiple of 8); default 64, or a quarter of the resolution below "
+        "256 (so small test resolutions still get buckets).",
+        "data",
+        ge=8,
+    )
     bucket_no_upscale: bool = _field(
         False,
         "Buckets: never upscale; an image smaller than resolution^2 trains at its own size rounded down to "
@@ -385,7 +392,13 @@ class TrainConfig:
     )
     epochs: int = _field(10, "Passes over the dataset; ignored when `max_steps` is set.", "optim", ge=1)
     max_steps: Optional[int] = _field(None, "Optimizer steps to train; overrides `epochs`.", "optim", ge=1)
-    seed: int = _field(42, "Seed for noise, timesteps, data order and crops; equal seeds give equal runs.", "optim")
+    seed: int = _field(
+        42,
+        "Seed for noise, timesteps, data order and crops; equal seeds give equal runs.",
+        "optim",
+        ge=0,
+        le=2**63 - 1,
+    )
     dataloader_num_workers: int = _field(
         0, "Worker processes loading images (0: in the training process).", "optim", ge=0
     )
@@ -413,6 +426,12 @@ class TrainConfig:
         "output",
     )
     keep_last_n: Optional[int] = _field(3, "Keep only the newest N training states (null: keep all).", "output", ge=1)
+    overwrite: bool = _field(
+        False,
+        "Start a new run in an output_dir that holds another run's outputs, deleting what sdtune wrote there "
+        "(trained files, states, sample grids; nothing else). Without it such a folder is refused.",
+        "output",
+    )
     resume: Optional[str] = _field(
         None,
         "Continue from a saved state: `latest` (the newest in output_dir) or a state folder. The result equals an "
@@ -440,8 +459,8 @@ class TrainConfig:
         "output",
         ge=1,
     )
-    sample_steps: int = _field(20, "Sampler steps for the samples (DPM-Solver++).", "output", ge=1)
-    sample_guidance_scale: float = _field(7.5, "Classifier-free guidance of the samples.", "output", ge=0)
+    sample_steps: int = _field(20, "Sampler steps for the samples (DPM-Solver++).", "output", ge=1, le=1000)
+    sample_guidance_scale: float = _field(7.5, "Classifier-free guidance of the samples.", "output", ge=0, le=100)
 
     @property
     def uses_ti(self) -> bool:
@@ -499,11 +518,13 @@ def _default_output_name(config: TrainConfig) -> str:
 
 
 def _bucket_defaults(config: TrainConfig) -> TrainConfig:
-    """Unset bucket bounds from the resolution: half and twice it, in `bucket_reso_steps` (512 -> 256..1024)."""
-    step, resolution = config.bucket_reso_steps, config.resolution
+    """Unset bucket settings from the resolution: steps of 64 (a quarter of the resolution below 256), bounds half
+    and twice the resolution in those steps (512 -> 256..1024, kohya's defaults)."""
+    resolution = config.resolution
+    step = config.bucket_reso_steps or (64 if resolution >= 256 else max(8, resolution // 4 // 8 * 8))
     low = config.min_bucket_reso or max(step, resolution // 2 // step * step)
     high = config.max_bucket_reso or -(-resolution * 2 // step) * step
-    return dataclasses.replace(config, min_bucket_reso=low, max_bucket_reso=high)
+    return dataclasses.replace(config, bucket_reso_steps=step, min_bucket_reso=low, max_bucket_reso=high)
 
 
 def with_native_resolution(config: TrainConfig, native: int) -> TrainConfig:
@@ -684,7 +705,7 @@ def _check_range(name: str, value) -> str | None:
     if spec["gt"] is not None and value <= spec["gt"]:
         return f"{name}: must be greater than {spec['gt']:g}, got {value!r}."
     if spec["le"] is not None and value > spec["le"]:
-        return f"{name}: must be at most {spec['le']:g}, got {value!r}."
+        return f"{name}: must be at most {spec['le']}, got {value!r}."
     return None
 
 
@@ -800,6 +821,10 @@ def _cross_field_errors(config: TrainConfig, given: set[str]) -> list[str]:
     if not config.sample_prompts:
         for name in sorted(given & {"sample_every_n_steps", "sample_steps", "sample_guidance_scale"}):
             errors.append(f"{name}: has no effect without sample_prompts; add prompts or remove it.")
+    if config.overwrite and config.resume:
+        errors.append(
+            "overwrite, resume: resume continues the run in output_dir and overwrite deletes it; keep one of them."
+        )
     if "lr_warmup_steps" in given and config.lr_warmup_steps and config.lr_scheduler == "constant":
         errors.append("lr_warmup_steps: has no effect with lr_scheduler 'constant'; use 'constant_with_warmup'.")
     return errors
@@ -876,19 +901,33 @@ def _cache_errors(config: TrainConfig) -> list[str]:
 
 
 def _bucket_errors(config: TrainConfig) -> list[str]:
+    """Bucket settings that cannot work with the resolution, each with the value to set (`config`: defaults filled)."""
+    step, resolution = config.bucket_reso_steps, config.resolution
+    if step % 8:
+        return [f"bucket_reso_steps: must be a multiple of 8 (the VAE downsamples by 8), got {step}."]
     errors = []
-    if config.bucket_reso_steps % 8:
+    fitting = step if step <= resolution else max(8, resolution // 4 // 8 * 8)  # the step the suggestions use
+    if step > resolution:
         errors.append(
-            f"bucket_reso_steps: must be a multiple of 8 (the VAE downsamples by 8), got {config.bucket_reso_steps}."
+            f"bucket_reso_steps: {step} is larger than resolution {resolution}, so no bucket fits; set "
+            f"bucket_reso_steps: {max(8, resolution // 4 // 8 * 8)} or leave it unset."
         )
-    if not config.min_bucket_reso <= config.resolution <= config.max_bucket_reso:
+    if config.min_bucket_reso > resolution:
         errors.append(
-            f"min_bucket_reso, max_bucket_reso: need min <= resolution <= max, got {config.min_bucket_reso}, "
-            f"{config.resolution}, {config.max_bucket_reso}."
+            f"min_bucket_reso: {config.min_bucket_reso} is above resolution {resolution}; set min_bucket_reso: "
+            f"{max(fitting, resolution // 2 // fitting * fitting)} (half the resolution) or leave it unset."
+        )
+    if config.max_bucket_reso < resolution:
+        errors.append(
+            f"max_bucket_reso: {config.max_bucket_reso} is below resolution {resolution}; set max_bucket_reso: "
+            f"{-(-resolution * 2 // fitting) * fitting} (twice the resolution) or leave it unset."
         )
     for name in ("min_bucket_reso", "max_bucket_reso"):
-        if getattr(config, name) % config.bucket_reso_steps:
-            errors.append(f"{name}: must be a multiple of bucket_reso_steps ({config.bucket_reso_steps}).")
+        value = getattr(config, name)
+        if value % step:
+            errors.append(
+                f"{name}: {value} is not a multiple of bucket_reso_steps ({step}); set {value // step * step}."
+            )
     return errors
 
 
@@ -915,9 +954,27 @@ def check_paths(config: TrainConfig) -> list[str]:
         errors.append(f"network_weights: {config.network_weights} does not exist.")
     if config.metadata_path and not Path(config.metadata_path).is_file():
         errors.append(f"metadata_path: {config.metadata_path} does not exist.")
-    if Path(config.output_dir).is_file():
-        errors.append(f"output_dir: {config.output_dir} is a file; name a folder.")
+    for name in ("output_dir", "logging_dir"):
+        problem = writable_folder_problem(getattr(config, name))
+        errors += [f"{name}: {problem}"] if problem and getattr(config, name) else []
     return errors
+
+
+def writable_folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written into `folder` (created when missing): a file in its place or on its path, or
+    no write permission where it would be created. None when it can."""
+    path = Path(folder)
+    if path.is_file():
+        return f"{path} is a file; name a folder."
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{path} cannot be created: {existing} is a file, not a folder; name a folder elsewhere."
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path.absolute() else f" ({existing}, where it would be created)"
+        return f"{path}: no permission to write there{where}; choose a folder you can write to."
+    return None
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -932,10 +989,29 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not sep or not key.strip():
             errors.append(f"override {item!r}: expected key=value, e.g. learning_rate=1e-4.")
             continue
-        parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        try:
+            parsed[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            errors.append(
+                f"override {item!r}: the value is not valid YAML ({problem}); quote text (key='a, b'), write lists "
+                "as [1, 2]."
+            )
     if errors:
         raise ConfigError(errors, "command line")
     return parsed
+
+
+def yaml_problem(path: str | Path, error: yaml.YAMLError, example: str) -> str:
+    """A YAML file's parse error as one line for the user: `FILE:LINE:COLUMN: not valid YAML (what); fix` (a tag
+    such as `!!python/object` is named as refused: sdtune reads YAML as plain data, nothing runs)."""
+    mark = getattr(error, "problem_mark", None)
+    place = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    hint = f"write plain YAML, e.g. {example}"
+    if isinstance(error, yaml.constructor.ConstructorError):
+        hint = "sdtune reads YAML as plain data: tags such as !!python/... are refused, nothing was run"
+    return f"{place}: not valid YAML ({problem}); {hint}."
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -949,8 +1025,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         raise ConfigError([f"{path} does not exist."], str(path))
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError([f"not UTF-8 text (byte {error.start}); save the file as UTF-8."], str(path)) from error
     except yaml.YAMLError as error:
-        raise ConfigError([f"not valid YAML: {error}"], str(path)) from error
+        raise ConfigError([yaml_problem(path, error, "`learning_rate: 1e-4`")], str(path)) from None
     if isinstance(raw, dict):
         raw.update(parse_overrides(list(overrides)))
     config = parse_config(raw, str(path))

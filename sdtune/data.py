@@ -73,8 +73,9 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def read_metadata(path: Path, caption_column: str) -> tuple[dict[str, str], list[str]]:
-    """Reads a `file_name,<caption_column>` CSV. Returns (file name -> caption, problems found)."""
+def read_metadata(path: Path, caption_column: str) -> tuple[dict[str, str | None], list[str]]:
+    """Reads a `file_name,<caption_column>` CSV. Returns (file name -> caption, problems found); a row whose caption
+    is empty maps to None (no caption: class tokens or an error, never an empty training caption)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
@@ -92,7 +93,7 @@ def read_metadata(path: Path, caption_column: str) -> tuple[dict[str, str], list
         name = (row.get("file_name") or "").strip()
         if name in captions:
             errors.append(f"metadata_path: {path} line {line_number}: {name!r} is listed twice; keep one row.")
-        captions[name] = (row.get(caption_column) or "").strip()
+        captions[name] = (row.get(caption_column) or "").strip() or None
     return captions, errors
 
 
@@ -205,7 +206,7 @@ def _caption_files(subset: Subset, images: list[Path]) -> tuple[dict[str, str], 
         path = image.with_suffix(subset.caption_extension)
         if path.is_file():
             try:
-                captions[image.name] = path.read_text(encoding="utf-8-sig").strip()
+                captions[image.name] = path.read_text(encoding="utf-8-sig").strip() or None
             except UnicodeDecodeError as error:
                 errors.append(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8.")
     return captions, errors
@@ -243,11 +244,13 @@ def _subset_captions(subset: Subset, images: list[Path]) -> tuple[dict[str, str]
         return captions, errors + csv_errors + mismatch
     if source == "files":
         missing = [p.name for p in images if not p.with_suffix(subset.caption_extension).is_file()]
-        if missing and not subset.class_tokens:
-            errors.append(
-                f"{subset.folder}: no {subset.caption_extension} caption for {_listing(missing)}; write them, or "
-                "set class_tokens to caption those images."
-            )
+        empty = [p.name for p in images if p.name not in missing and files.get(p.name, "") is None]
+        for names, what in ((missing, "no"), (empty, "an empty")):
+            if names and not subset.class_tokens:
+                errors.append(
+                    f"{subset.folder}: {what} {subset.caption_extension} caption for {_listing(names)}; write "
+                    "them, or set class_tokens to caption those images."
+                )
         return files, errors
     hint = _wrong_extension_hint(subset)
     return None, errors + ([hint] if hint else [])
@@ -266,6 +269,12 @@ def _metadata_mismatch(path: Path, captions: dict[str, str], images: list[Path],
         errors.append(
             f"metadata_path: {path} has no row for {_listing(uncaptioned)}; add rows, move the images out, or set "
             "class_tokens to caption them."
+        )
+    empty = sorted(name for name in names if name in captions and captions[name] is None)
+    if empty and not subset.class_tokens:
+        errors.append(
+            f"metadata_path: {path}: the {subset.caption_column!r} value of {_listing(empty)} is empty; write the "
+            "captions, move the images out, or set class_tokens to caption them."
         )
     return errors
 

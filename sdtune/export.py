@@ -177,12 +177,11 @@ def kohya_lora_metadata(config: TrainConfig, family: Family, record: dict[str, s
             (`ss_new_sd_model_hash`), prediction type.
         run: `started_at` (unix time), `steps`, `epoch`, `num_batches_per_epoch`, `max_steps`, `learning_rates`
             (per group), `dataset` (see `data.dataset_summary`), `num_processes` (data-parallel processes),
-            optional `finished_at`.
+            `conv` (LoCon rank and alpha, or None), optional `finished_at`.
     """
     rates = run["learning_rates"]
-    network_args = {}
-    if config.conv is not None:
-        network_args = {"conv_dim": str(config.conv[0]), "conv_alpha": str(config.conv[1])}
+    conv = run.get("conv")  # from the saved modules: a LoRA continued from a LoCon file has convs, whatever the config
+    network_args = {"conv_dim": str(conv[0]), "conv_alpha": str(conv[1])} if conv else {}
     metadata = {
         "ss_output_name": config.output_name,
         "ss_base_model_version": family.kohya_version(record["sdtune.prediction_type"]),

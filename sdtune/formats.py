@@ -129,17 +129,25 @@ class LoraModule:
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the header metadata of a `.safetensors` file.
+    """All tensors and the header metadata of a `.safetensors` LoRA or embedding file (every tensor finite).
 
     Raises:
-        FormatError: The file cannot be read as safetensors.
+        FormatError: The file cannot be read as safetensors, or holds NaN / infinite values.
     """
     try:
         with safe_open(str(path), framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not iterable)
-            return tensors, dict(handle.metadata() or {})
+            metadata = dict(handle.metadata() or {})
     except Exception as error:  # safetensors raises several error types for damaged files
         raise FormatError(f"{path}: not a readable .safetensors file ({error}).") from error
+    check_finite(tensors, path)
+    return tensors, metadata
+
+
+def is_lora(keys) -> bool:
+    """True when the keys are a LoRA layout sdtune reads: kohya (`is_kohya_lora`) or diffusers/peft (`.lora_A.`)."""
+    keys = list(keys)
+    return is_kohya_lora(keys) or any(".lora_A." in key for key in keys)
 
 
 def is_kohya_lora(keys) -> bool:
@@ -285,23 +293,51 @@ class Artifact:
         return read_record(self.metadata)
 
 
-def load_tensors(path: Path) -> tuple[dict, dict[str, str]]:
-    """(contents, header metadata) of a `.safetensors` file, or of a legacy `.pt`/`.bin`/`.ckpt` file loaded with
-    `torch.load(weights_only=True)` (no code from pickles runs; such files have no header).
+def _tensors_in(data, prefix: str = ""):
+    """(name, tensor) for every tensor in a loaded file, nested dicts (A1111's `string_to_param`) included."""
+    if isinstance(data, torch.Tensor):
+        yield prefix, data
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield from _tensors_in(value, f"{prefix}.{key}" if prefix else str(key))
+
+
+def check_finite(data, path: Path) -> None:
+    """Refuses a file holding NaN or infinite values: applied, such a LoRA or embedding turns every image black.
 
     Raises:
-        FormatError: Unreadable, a pickle that needs code to load, or an unknown suffix.
+        FormatError: Naming the file and the first non-finite tensor.
+    """
+    broken = [name for name, tensor in _tensors_in(data) if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if broken:
+        more = f" and {len(broken) - 1} more tensor(s)" if len(broken) > 1 else ""
+        raise FormatError(
+            f"{path}: tensor {broken[0]!r}{more} holds NaN or infinite values, so it would turn every image black; "
+            "the training that wrote it diverged. Use an earlier save of that run (a -stepN file) or train again "
+            "(a lower learning_rate, max_grad_norm: 1.0)."
+        )
+
+
+def load_tensors(path: Path) -> tuple[dict, dict[str, str]]:
+    """(contents, header metadata) of a `.safetensors` file, or of a legacy `.pt`/`.bin`/`.ckpt` file loaded with
+    `torch.load(weights_only=True)` (no code from pickles runs; such files have no header). Every tensor must be
+    finite.
+
+    Raises:
+        FormatError: Unreadable, non-finite values, a pickle that needs code to load, or an unknown suffix.
     """
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     if path.suffix in (".pt", ".bin", ".ckpt"):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True), {}
+            data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
             raise FormatError(
                 f"{path}: could not be loaded with torch.load(weights_only=True) ({type(error).__name__}); sdtune "
                 "does not run code from pickled files."
             ) from error
+        check_finite(data, path)
+        return data, {}
     raise FormatError(f"{path}: unknown file type {path.suffix!r} (expected .safetensors or .pt).")
 
 
@@ -353,7 +389,7 @@ def read_artifact(path: str | Path) -> Artifact:
     if is_kohya_lora(data):
         modules = parse_kohya_lora(data, path)
         return Artifact(path, "lora", "kohya", _lora_family(modules, metadata), metadata, modules, dtypes=dtypes)
-    if any(".lora_A." in key for key in data):
+    if is_lora(data):
         modules = parse_peft_lora(data, path, _peft_family(data, metadata))
         family = _lora_family(modules, metadata)
         return Artifact(path, "lora", "diffusers-peft", family, metadata, modules, dtypes=dtypes)

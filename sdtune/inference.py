@@ -9,17 +9,21 @@ pipelines and generates; it never imports training code.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdtune import atomic, compat, export, formats
+from sdtune.errors import SdtuneError
 from sdtune.families import Family
 from sdtune.models import (
     BaseModel,
@@ -42,7 +46,75 @@ SAMPLERS = {
     "pndm": ("PNDMScheduler", {}, "PLMS"),
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
 }
+# The limits of a generation's settings, checked before anything is allocated (`setting_problems`):
+SIZE_MULTIPLE = 8  # every SD family's VAE works on 8x8-pixel blocks; diffusers' pipelines refuse other sizes
+MAX_SIDE = 8192  # 8x SDXL's native 1024 (16x SD1's 512)
+MAX_PIXELS = 4096 * 4096  # 16,777,216: 16x SDXL's native 1024x1024; one VAE decode of it needs tens of GB already
+MAX_STEPS = 1000  # the diffusion timesteps SD models are trained on; more sampler steps only repeat timesteps
+MAX_SEED = 2**64 - 1  # torch generators take unsigned 64-bit seeds (and negative ones down to -2**63, wrapped)
+MIN_SEED = -(2**63)
 logger = logging.getLogger(__name__)
+
+
+class SettingError(SdtuneError, ValueError):
+    """A generation setting (size, steps, guidance, seed) that cannot be drawn."""
+
+
+class NonFiniteImageError(SdtuneError):
+    """Images whose decoded pixels are NaN or infinite: saved, they would be black (or flat) with nothing to say why.
+
+    Attributes:
+        images: One entry per prompt of the call: the image, or None for the non-finite ones and the prompts not
+            drawn after them, so a caller can keep what came out right.
+    """
+
+    def __init__(self, labels: list[str], images: list, note: str = ""):
+        self.labels, self.images = labels, images
+        super().__init__(
+            f"{'; '.join(labels)}: the decoded pixels are NaN or infinite (saved, the image would be black), so "
+            f"nothing was saved for {'it' if len(labels) == 1 else 'them'}.{note} Likely causes: a LoRA or embedding "
+            "holding NaN or huge values, or applied at too high a weight (try without it, or a lower weight); a base "
+            "checkpoint with broken weights; a float16 VAE that overflowed (decode in float32: sdtune loads "
+            "float32 unless the pipeline was cast); a guidance scale far too high."
+        )
+
+
+def setting_problems(width=None, height=None, steps=None, guidance=None, seeds=()) -> list[str]:
+    """What is wrong with generation settings (None: not checked), one message each with the value and the fix.
+
+    Args:
+        width: Image width in pixels.
+        height: Image height in pixels.
+        steps: Sampler steps.
+        guidance: Classifier-free guidance scale.
+        seeds: Seeds (each must fit a torch generator: -2**63 .. 2**64-1; `sdtune generate` takes 0 .. 2**64-1).
+
+    Returns:
+        The problems; empty when the settings can be drawn.
+    """
+    problems = []
+    for name, side in (("width", width), ("height", height)):
+        if side is not None and not 0 < side <= MAX_SIDE:
+            problems.append(f"`{name}` {side} is outside 8..{MAX_SIDE} pixels; give a multiple of 8 in that range")
+        elif side is not None and side % SIZE_MULTIPLE:
+            lower = max(SIZE_MULTIPLE, side // SIZE_MULTIPLE * SIZE_MULTIPLE)
+            problems.append(
+                f"`{name}` {side} is not a multiple of {SIZE_MULTIPLE} (the VAE works on 8x8-pixel blocks); "
+                f"use {lower} or {lower + SIZE_MULTIPLE}"
+            )
+    if not problems and width is not None and height is not None and width * height > MAX_PIXELS:
+        problems.append(
+            f"{width}x{height} is {width * height:,} pixels, over the {MAX_PIXELS:,} (4096x4096) sdtune draws at "
+            "once (one VAE decode alone would need tens of GB); generate smaller and upscale"
+        )
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        problems.append(f"`steps` {steps} is outside 1..{MAX_STEPS} (the model's diffusion timesteps); 20-50 is usual")
+    if guidance is not None and not math.isfinite(guidance):
+        problems.append(f"`guidance` {guidance} is not a finite number; 7.5 is usual (1 turns guidance off)")
+    bad = [seed for seed in seeds if not MIN_SEED <= seed <= MAX_SEED]
+    if bad:
+        problems.append(f"seed {bad[0]} is outside -2**63..2**64-1 (what a torch generator takes); use 0..{MAX_SEED}")
+    return problems
 
 
 def make_scheduler(sampler: str, scheduler_config: dict):
@@ -106,6 +178,7 @@ def generate_images(
     negative_prompt: str = "",
     clip_skip: int = 1,
     batch_size: int = 16,
+    check_finite: bool = False,
 ) -> list[Image.Image]:
     """One image per prompt, prompt `i` drawn from `seeds[i]`, `batch_size` prompts per forward pass.
 
@@ -124,24 +197,72 @@ def generate_images(
         negative_prompt: The negative prompt of every image.
         clip_skip: Text-encoder layer counted from the end, as kohya and A1111 count (1 = the family's layer).
         batch_size: Prompts per forward pass.
+        check_finite: Refuse images whose decoded pixels are NaN or infinite (black in uint8). Off for training's
+            sample grids: only the main process draws them, an error there would leave the others waiting.
+
+    Raises:
+        SettingError: A size, step count, guidance or seed that cannot be drawn (before anything runs).
+        NonFiniteImageError: With `check_finite`, at the first batch holding such an image (nothing after it is drawn).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+    problems = setting_problems(size[0], size[1], steps, guidance, seeds)
+    if problems:
+        raise SettingError("; ".join(problems))
+    settings = {"width": size[0], "height": size[1], "num_inference_steps": steps, "guidance_scale": guidance}
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds[start : start + batch_size]]
-        with torch.no_grad():
-            output = pipe(
-                width=size[0],
-                height=size[1],
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=generators,
-                **prompt_arguments(pipe, family, chunk, negative_prompt, clip_skip),
-            )
-        images += output.images
+        with torch.no_grad(), _decoder_finiteness(pipe, check_finite) as decoded:
+            arguments = prompt_arguments(pipe, family, chunk, negative_prompt, clip_skip)
+            # "np": the floats diffusers would round to uint8, where a NaN is still visible
+            output = pipe(generator=generators, output_type="np", **settings, **arguments)
+        bad = _non_finite(output.images, decoded) if check_finite else []
+        drawn = pipe.numpy_to_pil(np.nan_to_num(output.images) if bad else output.images)  # as diffusers' "pil"
+        if bad:
+            labels = [f"prompt {_short(chunk[i])!r} (seed {seeds[start + i]})" for i in bad]
+            kept = [None if i in bad else image for i, image in enumerate(drawn)]
+            raise NonFiniteImageError(labels, images + kept + [None] * (len(prompts) - start - len(chunk)))
+        images += drawn
     return images
+
+
+@contextlib.contextmanager
+def _decoder_finiteness(pipe, enabled: bool = True) -> Iterator[list[torch.Tensor]]:
+    """Records, per call of the VAE's decoder, which images of it came out finite. diffusers clamps the decoded
+    image to [0, 1] before handing it back, so an infinite pixel would arrive as a plain 0 or 1."""
+    calls: list[torch.Tensor] = []
+    decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
+    if not enabled or not isinstance(decoder, torch.nn.Module):
+        yield calls
+        return
+    hook = decoder.register_forward_hook(lambda module, inputs, out: calls.append(_finite_rows(out)))
+    try:
+        yield calls
+    finally:
+        hook.remove()
+
+
+def _finite_rows(decoded) -> torch.Tensor:
+    decoded = getattr(decoded, "sample", decoded)
+    return torch.isfinite(decoded).flatten(1).all(dim=1).cpu()
+
+
+def _non_finite(pixels: np.ndarray, decoded: list[torch.Tensor]) -> list[int]:
+    """Indices of the images with a NaN pixel, or whose decoder output held NaN or infinity (decoder calls that do
+    not map to images one to one, as with VAE tiling, mark the whole batch when any of them did)."""
+    bad = ~np.isfinite(pixels.reshape(len(pixels), -1)).all(axis=1)
+    rows = torch.cat(decoded).numpy() if decoded else np.ones(0, dtype=bool)
+    if len(rows) == len(pixels):  # one call for the batch, or one per image (VAE slicing)
+        bad |= ~rows
+    elif not rows.all():
+        bad[:] = True
+    return [int(i) for i in np.flatnonzero(bad)]
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -436,17 +557,39 @@ class AdapterPipeline:
 
         Returns:
             The images, in prompt order.
+
+        Raises:
+            SettingError: A size, step count, guidance, seed or clip_skip that cannot be drawn (before anything runs).
+            NonFiniteImageError: An image decoded to NaN or infinite pixels (`error.images` holds the others).
         """
         if clip_skip > 1 and not self.base.family.clip_skip:
             raise ValueError(
                 f"clip_skip {clip_skip}: {self.base.family.title} has none (it reads the penultimate layer)"
             )
+        if not 1 <= clip_skip <= self.max_clip_skip():
+            raise SettingError(
+                f"clip_skip {clip_skip} is outside 1..{self.max_clip_skip()}, the text encoder's layers"
+            )
         self.apply(extra_loras)
         default = self.default_size()
+        size = (default if width is None else width, default if height is None else height)
         return generate_images(
-            self.pipe, self.base.family, prompts, seeds, (width or default, height or default), steps, guidance,
-            negative_prompt, clip_skip, batch_size=max(1, len(prompts)),
+            self.pipe, self.base.family, prompts, seeds, size, steps, guidance, negative_prompt, clip_skip,
+            batch_size=max(1, len(prompts)), check_finite=True,
         )  # fmt: skip
+
+    def max_clip_skip(self) -> int:
+        """The largest `clip_skip` the base has: counted back from its family's layer to the first encoder layer."""
+        spec = self.base.family.text_encoders[0]
+        layers = getattr(self.pipe, spec.component).config.num_hidden_layers
+        return layers + spec.hidden_layer + 1 if self.base.family.clip_skip else 1
+
+    def token_count(self, text: str) -> tuple[int, int]:
+        """(tokens of `text` as the text encoder sees it, embeddings expanded; the tokens it reads), start and end
+        tokens not counted. The pipeline cuts a longer prompt (`models.encode_text` as well)."""
+        tokenizer = getattr(self.pipe, self.base.family.text_encoders[0].tokenizer)
+        expanded = self.pipe.maybe_convert_prompt(text, tokenizer)
+        return len(tokenizer(expanded).input_ids) - 2, tokenizer.model_max_length - 2
 
 
 def image_grid(images: list[Image.Image], columns: int, scale: int = 1) -> Image.Image:

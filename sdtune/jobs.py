@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import random
 import shlex
 import sys
@@ -21,11 +22,18 @@ from tqdm import tqdm
 
 from sdtune import atomic, inference, prompts
 from sdtune._version import __version__
+from sdtune.config import yaml_problem
 from sdtune.errors import SdtuneError
 from sdtune.models import base_model_sha256
 
 MANIFEST = "manifest.jsonl"
 JOB_ALIASES = {"negative": "negative_prompt", "cfg_scale": "guidance", "num_images": "n"}
+RANDOM_SEED = -1  # A1111's "random": a random seed is drawn and recorded with every image, as when none is given
+# CLIP reads 75 tokens (a few hundred characters) per prompt; this is far beyond it, and keeps a pasted file out of
+# every PNG's text and manifest line.
+MAX_PROMPT_CHARS = 10_000
+_LORA_ENTRY_KEYS = {"path", "name", "weight", "te", "unet"}
+_EMBEDDING_ENTRY_KEYS = {"path", "name", "token"}
 
 
 class JobError(SdtuneError, ValueError):
@@ -34,12 +42,16 @@ class JobError(SdtuneError, ValueError):
 
 @dataclass
 class Job:
-    """One prompt with its settings; `n` images from seeds `seed`, `seed + 1`, ..."""
+    """One prompt with its settings; `n` images from seeds `seed`, `seed + 1`, ...
+
+    Raises:
+        JobError: A setting of the wrong type or out of range (every problem of the job, with the fix).
+    """
 
     prompt: str
     negative_prompt: str = ""
     n: int = 1
-    seed: int | None = None  # None: a random seed, recorded with every image
+    seed: int | None = None  # None or -1 (A1111's spelling): a random seed, recorded with every image
     steps: int = 20
     guidance: float = 7.5
     width: int | None = None  # None: the base model's native size
@@ -49,47 +61,144 @@ class Job:
     loras: list = field(default_factory=list)  # "NAME_OR_PATH[:W[:UNET_W]]" or {path|name, weight, te, unet}
     embeddings: list = field(default_factory=list)  # "NAME_OR_PATH[:TOKEN]" or {path|name, token}
 
+    def __post_init__(self):
+        problems = _type_problems(self)
+        if not problems:
+            problems = [*_range_problems(self), *_prompt_problems(prompts.parse_prompt, self.prompt)]
+            problems += _adapter_problems("loras", self.loras, _LORA_ENTRY_KEYS)
+            problems += _adapter_problems("embeddings", self.embeddings, _EMBEDDING_ENTRY_KEYS)
+        if problems:
+            raise JobError("; ".join(problems))
+
 
 JOB_FIELDS = {f.name: f for f in fields(Job)}
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_FIELD_TYPES = {  # field -> (test, what it must be)
+    **dict.fromkeys(("prompt", "negative_prompt", "sampler"), (lambda v: isinstance(v, str), "text")),
+    **dict.fromkeys(("n", "steps", "clip_skip"), (_is_whole, "a whole number")),
+    **dict.fromkeys(("seed", "width", "height"), (lambda v: v is None or _is_whole(v), "a whole number")),
+    "guidance": (_is_number, "a number"),
+    **dict.fromkeys(("loras", "embeddings"), (lambda v: isinstance(v, list), "a list")),
+}
+
+
+def _type_problems(job: Job) -> list[str]:
+    problems = []
+    for name, (test, what) in _FIELD_TYPES.items():
+        if not test(getattr(job, name)):
+            problems.append(f"`{name}` must be {what} (got {shorten(repr(getattr(job, name)))})")
+    return problems
+
+
+def _range_problems(job: Job) -> list[str]:
+    problems = [
+        f"`{name}` is {len(text):,} characters; sdtune takes at most {MAX_PROMPT_CHARS:,} (the text encoder reads "
+        "75 tokens, a few hundred characters, and the text is copied into every PNG and manifest line): shorten it"
+        for name, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt))
+        if len(text) > MAX_PROMPT_CHARS
+    ]
+    for name in ("n", "clip_skip"):
+        if getattr(job, name) < 1:
+            problems.append(f"`{name}` is {getattr(job, name)}; give 1 or more")
+    if job.sampler not in inference.SAMPLERS:
+        problems.append(f"sampler {job.sampler!r} is not one of {', '.join(inference.SAMPLERS)}")
+    seeds = [] if job.seed in (None, RANDOM_SEED) else [job.seed, job.seed + max(job.n, 1) - 1]
+    problems += inference.setting_problems(job.width, job.height, job.steps, job.guidance)
+    if seeds and not 0 <= seeds[0] <= inference.MAX_SEED:
+        problems.append(
+            f"`seed` {job.seed} is outside 0..{inference.MAX_SEED} (2**64-1); -1 or no seed draws a random one"
+        )
+    elif seeds and seeds[1] > inference.MAX_SEED:
+        problems.append(f"`seed` {job.seed} with `n` {job.n} runs past {inference.MAX_SEED} (2**64-1); lower the seed")
+    return problems
+
+
+def _adapter_problems(name: str, entries: list, keys: set[str]) -> list[str]:
+    """Entries of `loras` / `embeddings`: text specs (LoRA weights that read as numbers), or mappings of known keys
+    with text names and finite weights."""
+    problems = []
+    for entry in entries:
+        if isinstance(entry, str):
+            if name == "loras":
+                target, numbers = split_spec(entry)
+                problems += _prompt_problems(prompts.lora_weights, target, numbers, f"lora {entry!r}")
+            continue
+        if not isinstance(entry, dict):
+            problems.append(f"`{name}` entry {shorten(repr(entry))} must be text or a mapping")
+            continue
+        unknown = sorted(set(map(str, entry)) - keys)
+        if unknown:
+            problems.append(f"`{name}` entry {entry!r}: unknown key {unknown[0]!r}; keys: {', '.join(sorted(keys))}")
+        if not (entry.get("path") or entry.get("name")):
+            problems.append(f"`{name}` entry {entry!r} needs `path` or `name`")
+        for key, value in entry.items():
+            if key in ("path", "name", "token") and not isinstance(value, str):
+                problems.append(f"`{name}` entry {entry!r}: `{key}` must be text (got {value!r})")
+            if key in ("weight", "te", "unet") and not (_is_number(value) and math.isfinite(value)):
+                problems.append(f"`{name}` entry {entry!r}: `{key}` must be a finite number (got {value!r})")
+    return problems
+
+
+def _prompt_problems(check, *args) -> list[str]:
+    """[the message] when `check(*args)` raises a `PromptError`, else []."""
+    try:
+        check(*args)
+    except prompts.PromptError as error:
+        return [str(error)]
+    return []
 
 
 def make_job(raw: dict, defaults: dict, where: str) -> Job:
     """A `Job` from a job-file entry over the command line's `defaults`; `where` names the entry in errors.
 
     Raises:
-        JobError: Unknown keys (with the closest valid one), wrong types, or no prompt.
+        JobError: Unknown keys (with the closest valid one), a setting given twice (under an alias), or what
+            `Job` refuses: no prompt, wrong types, values out of range.
     """
     if not isinstance(raw, dict):
         raise JobError(f"{where}: a job is a mapping with at least `prompt`, got {type(raw).__name__}")
-    values = dict(defaults)
+    values, given = dict(defaults), {}
     for key, value in raw.items():
         name = JOB_ALIASES.get(key, key)
         if name not in JOB_FIELDS:
             close = difflib.get_close_matches(str(key), list(JOB_FIELDS) + list(JOB_ALIASES), n=1)
             hint = f" Did you mean {JOB_ALIASES.get(close[0], close[0])!r}?" if close else ""
             raise JobError(f"{where}: unknown key {key!r}.{hint} Keys: {', '.join(JOB_FIELDS)}.")
-        values[name] = value
-    if not isinstance(values.get("prompt"), str):
-        raise JobError(f"{where}: `prompt` must be text (got {values.get('prompt')!r})")
-    for name in ("n", "steps", "seed", "width", "height", "clip_skip"):
-        if values.get(name) is not None and (not isinstance(values[name], int) or isinstance(values[name], bool)):
-            raise JobError(f"{where}: `{name}` must be a whole number (got {values[name]!r})")
-    if values.get("n", 1) < 1 or values.get("steps", 1) < 1 or values.get("clip_skip", 1) < 1:
-        raise JobError(f"{where}: `n`, `steps` and `clip_skip` must be at least 1")
-    if values.get("sampler", "dpmpp_2m") not in inference.SAMPLERS:
-        raise JobError(f"{where}: sampler {values['sampler']!r} is not one of {', '.join(inference.SAMPLERS)}")
-    for name in ("loras", "embeddings"):
-        if not isinstance(values.get(name, []), list):
-            raise JobError(f"{where}: `{name}` must be a list")
-    return Job(**values)
+        if name in given:
+            raise JobError(f"{where}: {given[name]!r} and {key!r} both set `{name}`; keep one")
+        values[name], given[name] = value, key
+    values.setdefault("prompt", None)  # refused by Job as not text
+    try:
+        return Job(**values)
+    except JobError as error:
+        raise JobError(f"{where}: {error}") from None
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """`text`, cut to `limit` characters with "..." when longer (for naming a prompt or value in messages)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_jobs(path: Path, defaults: dict) -> list[Job]:
     """Jobs from a `.yaml`/`.yml` file (a list of mappings, or `{jobs: [...]}`), a `.jsonl` file (one mapping per
-    line) or a `.txt` prompts file (one prompt per line; blank lines and `#` comments skipped)."""
-    if not path.is_file():
-        raise JobError(f"{path}: no such job file")
-    text = path.read_text(encoding="utf-8")
+    line) or a `.txt` prompts file (one prompt per line; blank lines and `#` comments skipped).
+
+    Raises:
+        JobError: The file is missing, unreadable, not UTF-8, not valid YAML/JSON (with its line), or holds a job
+            `make_job` refuses.
+    """
+    if path.suffix not in (".txt", ".jsonl", ".yaml", ".yml"):
+        raise JobError(f"{path}: job files are .yaml, .jsonl or .txt (one prompt per line), not {path.suffix!r}")
+    text = _read_text(path)
     if path.suffix == ".txt":
         lines = [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1)]
         return [make_job({"prompt": line}, defaults, f"{path}:{i}") for i, line in lines if line and line[0] != "#"]
@@ -100,15 +209,62 @@ def read_jobs(path: Path, defaults: dict) -> list[Job]:
                 try:
                     entries.append((f"{path}:{number}", json.loads(line)))
                 except json.JSONDecodeError as error:
-                    raise JobError(f"{path}:{number}: not JSON ({error.msg})") from None
+                    raise JobError(f"{path}:{number}: not JSON ({error.msg}, column {error.colno})") from None
         return [make_job(entry, defaults, where) for where, entry in entries]
-    if path.suffix in (".yaml", ".yml"):
+    return [make_job(entry, defaults, f"{path}: job {i}") for i, entry in enumerate(_yaml_jobs(path, text), 1)]
+
+
+def _read_text(path: Path) -> str:
+    """A job file's text (UTF-8; a byte-order mark, as Windows editors write, is skipped)."""
+    if not path.is_file():
+        raise JobError(f"{path}: no such job file")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise JobError(f"{path}: cannot be read ({error.strerror}).") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise JobError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); save the file "
+            "as UTF-8."
+        ) from None
+
+
+def _yaml_jobs(path: Path, text: str) -> list:
+    """The job entries of a YAML job file, read with `yaml.safe_load` (plain data only: no tag runs code)."""
+    try:
         data = yaml.safe_load(text)
-        data = data.get("jobs") if isinstance(data, dict) else data
-        if not isinstance(data, list):
-            raise JobError(f"{path}: expected a list of jobs (or `jobs:` with a list)")
-        return [make_job(entry, defaults, f"{path}: job {i}") for i, entry in enumerate(data, 1)]
-    raise JobError(f"{path}: job files are .yaml, .jsonl or .txt (one prompt per line), not {path.suffix!r}")
+    except yaml.YAMLError as error:
+        raise JobError(yaml_problem(path, error, "`- prompt: a cat`")) from None
+    if isinstance(data, dict) and set(data) == {"jobs"}:
+        data = data["jobs"]
+    if not isinstance(data, list):
+        raise JobError(f"{path}: expected a list of jobs (or `jobs:` with a list and nothing else)")
+    return data
+
+
+def check_run_options(out: Path, batch_size: int, option: str = "--out") -> None:
+    """Refuses, before any model loads, an output folder that cannot be made or written and a batch size below 1.
+
+    Raises:
+        JobError: `out` is a file or lies under one, is not writable, or `batch_size` < 1.
+    """
+    if not _is_whole(batch_size) or batch_size < 1:
+        raise JobError(f"--batch-size {batch_size}: give 1 or more (images per forward pass)")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise JobError(
+            f"{option} {out} is a file; images and {MANIFEST} go into a folder. Give a folder (new or existing)."
+        )
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not existing.is_dir():
+        raise JobError(f"{option} {out}: {existing} is a file, so no folder can be made inside it. Give a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise JobError(f"{option} {out}: no permission to write in {existing}. Give a folder you can write to.")
+    if (out / MANIFEST).exists() and not (out / MANIFEST).is_file():
+        raise JobError(f"{option} {out}: {out / MANIFEST} is a folder, so the manifest cannot be written.")
 
 
 def write_jobs(path: Path, jobs: list[Job]) -> Path:
@@ -146,6 +302,7 @@ class _Image:
     seed: int
     parsed: prompts.ParsedPrompt
     loras: dict[str, tuple[float, float]]  # prompt-tag and job LoRAs (the pipeline's active ones come on top)
+    where: str = "job"  # the job it comes from, for messages
 
 
 class BatchRunner:
@@ -189,17 +346,13 @@ class BatchRunner:
         return loras
 
     def prepare(self, job: Job, where: str = "job") -> list[_Image]:
-        """Loads what the job needs (tags, job adapters) and expands it into images with their seeds.
+        """Loads what the job needs (tags, job adapters) and expands it into images with their seeds; warns (on
+        stderr) when the text encoder will not read the whole prompt.
 
         Raises:
-            JobError: A setting the base model's family does not have (`clip_skip` on SDXL).
+            JobError: A `clip_skip` the base model does not have (any on SDXL; more than its text encoder's layers).
         """
-        family = self.pipe.base.family
-        if job.clip_skip > 1 and not family.clip_skip:
-            raise JobError(
-                f"{where}: clip_skip {job.clip_skip}, but {family.title} reads the penultimate layer of every text "
-                "encoder by design, so clip_skip has no meaning for it; leave it at 1."
-            )
+        self._check_clip_skip(job, where)
         for entry in job.embeddings:
             if isinstance(entry, dict):
                 self._ensure_embedding(str(entry.get("path") or entry.get("name")), entry.get("token"))
@@ -213,17 +366,55 @@ class BatchRunner:
             self._ensure_embedding(name)
         for name, pair in parsed.loras.items():
             loras[self._ensure_lora(name)] = pair
-        seed = job.seed if job.seed is not None else random.randrange(2**32)
-        return [_Image(job, seed + i, parsed, loras) for i in range(job.n)]
+        self._warn_if_cut(where, parsed.text, job.negative_prompt)
+        seed = random.randrange(2**32) if job.seed in (None, RANDOM_SEED) else job.seed
+        return [_Image(job, seed + i, parsed, loras, where) for i in range(job.n)]
+
+    def _check_clip_skip(self, job: Job, where: str) -> None:
+        family, most = self.pipe.base.family, self.pipe.max_clip_skip()
+        if job.clip_skip > 1 and not family.clip_skip:
+            raise JobError(
+                f"{where}: clip_skip {job.clip_skip}, but {family.title} reads the penultimate layer of every text "
+                "encoder by design, so clip_skip has no meaning for it; leave it at 1."
+            )
+        if job.clip_skip > most:
+            raise JobError(
+                f"{where}: clip_skip {job.clip_skip}, but this base's text encoder has {most} layers; give 1 to {most}"
+            )
+
+    def _warn_if_cut(self, where: str, text: str, negative: str) -> None:
+        """The pipeline reads the first 75 tokens of a prompt and drops the rest without a word; say so."""
+        for name, words in (("prompt", text), ("negative prompt", negative)):
+            count, limit = self.pipe.token_count(words)
+            if count > limit:
+                print(
+                    f"warning: {where}: the {name} is {count} tokens (embeddings expanded, tags taken out); the text "
+                    f"encoder reads the first {limit} and ignores the rest. Shorten it to keep what matters.",
+                    file=sys.stderr,
+                )
 
     def run(self, jobs: list[Job], batch_size: int = 1, grid: bool = False, progress: bool = True) -> list[Path]:
-        """Generates every image of every job; returns the PNG paths (plus `grid.png` last when `grid`)."""
+        """Generates every image of every job; returns the PNG paths (plus `grid.png` last when `grid`).
+
+        Raises:
+            JobError: The output folder cannot be written, or a job cannot be prepared (before generating).
+            NonFiniteImageError: An image decoded to NaN or infinite pixels: the run stops there, the images before
+                it (and the good ones of its batch) are saved, it is not.
+        """
+        check_run_options(self.out, batch_size)
         items = [image for number, job in enumerate(jobs, 1) for image in self.prepare(job, f"job {number}")]
         index = self._next_index()
         written, images = [], []
         bar = tqdm(total=len(items), desc="generating", unit="img", disable=not progress)
         for batch in _batches(items, batch_size):
-            for item, image in zip(batch, self._generate(batch), strict=True):
+            try:
+                drawn = list(zip(batch, self._generate(batch), strict=True))
+            except inference.NonFiniteImageError as error:
+                kept = [(item, image) for item, image in zip(batch, error.images, strict=True) if image is not None]
+                written += [self._save(item, image, index + i) for i, (item, image) in enumerate(kept)]
+                bar.close()
+                raise _non_finite_error(batch, error.images, len(written)) from None
+            for item, image in drawn:
                 written.append(self._save(item, image, index))
                 images.append(image)
                 index += 1
@@ -317,6 +508,17 @@ def report_warnings(adapter: inference.Adapter) -> None:
     """Prints what `force` let through, so a command-line user sees it before the images."""
     for warning in adapter.warnings:
         print(f"warning: {adapter.path} loaded with force although it {warning}", file=sys.stderr)
+
+
+def _non_finite_error(batch: list[_Image], images: list, saved: int) -> inference.NonFiniteImageError:
+    """The error for the images of `batch` that came back as None, naming their jobs, prompts and seeds."""
+    labels = [
+        f"{item.where} (prompt {shorten(item.job.prompt)!r}, seed {item.seed})"
+        for item, image in zip(batch, images, strict=True)
+        if image is None
+    ]
+    note = f" The run stopped there; {saved} image(s) of it were saved (PNG and manifest line)."
+    return inference.NonFiniteImageError(labels, images, note)
 
 
 def _tag(name: str, weights: tuple[float, float]) -> str:

@@ -30,6 +30,7 @@ from sdtune.families import Family
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 EMBEDDED_CONFIG_KEY = "sdtune.diffusers_config"
+MADE_BY_KEY = "_sdtune_make_base"  # model_index.json / checkpoint header: the preset of a `make-base` model
 _TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 
@@ -746,6 +747,7 @@ def write_base_model(
     preset: str = "tiny",
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
 ) -> None:
     """Writes a random-weight base model of a preset as a diffusers folder and/or a single-file checkpoint.
 
@@ -755,10 +757,55 @@ def write_base_model(
         preset: `tiny` or `sd15` (see `preset_configs`).
         seed: Seed for the random weights; equal seeds give equal files.
         dtype: Dtype of the weights in the checkpoint file.
+        overwrite: Replace a folder or file that an earlier `write_base_model` wrote (nothing else is replaced).
+
+    Raises:
+        ModelError: A target path that exists (without `overwrite`), is of the wrong kind, or is the current folder.
     """
+    problems = _target_problems(folder, checkpoint, overwrite)
+    if problems:
+        raise ModelError(" ".join(problems))
     components = build_components(preset, seed)
+    components["configs"]["model_index"][MADE_BY_KEY] = preset  # marks the folder as one --overwrite may replace
     # A checkpoint with published shapes loads with the shipped config, like any real one; others carry theirs.
-    save_base_model(components, folder, checkpoint, dtype=dtype, embed_config=bool(PRESETS[preset][1]))
+    save_base_model(components, folder, checkpoint, dtype, bool(PRESETS[preset][1]), {MADE_BY_KEY: preset})
+
+
+def _made_by_sdtune(path: Path) -> bool:
+    """Whether `path` is a base model `write_base_model` wrote (its marker in model_index.json / the header)."""
+    try:
+        if path.is_dir():
+            return MADE_BY_KEY in json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        with safe_open(str(path), "pt") as handle:
+            return MADE_BY_KEY in (handle.metadata() or {})
+    except Exception:  # unreadable: not something sdtune wrote
+        return False
+
+
+def _target_problems(folder, checkpoint, overwrite: bool) -> list[str]:
+    """Why `make-base` may not write to these paths: never onto the current folder or a file/folder of another
+    kind, never over what exists unless `overwrite` and sdtune wrote it."""
+    problems = []
+    targets = [(Path(folder), "folder") for _ in (folder,) if folder is not None]
+    targets += [(Path(checkpoint), "checkpoint") for _ in (checkpoint,) if checkpoint is not None]
+    for path, kind in targets:
+        if kind == "folder" and path.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+            problems.append(f"{path} is the current folder (or holds it); name a new folder, e.g. models/tiny-sd1.")
+        elif kind == "folder" and path.exists() and not path.is_dir():
+            problems.append(f"{path} is a file; name a folder for the diffusers model.")
+        elif kind == "checkpoint" and path.is_dir():
+            problems.append(f"--checkpoint {path} is a folder; name a .safetensors file.")
+        elif path.exists() and (path.is_file() or any(path.iterdir())):
+            if not overwrite:
+                problems.append(
+                    f"{path} exists and is not empty; choose a new path, or add --overwrite to replace it."
+                )
+            elif not _made_by_sdtune(path):
+                problems.append(
+                    f"{path} was not written by sdtune make-base, so --overwrite will not replace it; move it away "
+                    "or choose a new path."
+                )
+    return problems
 
 
 def family_of_configs(configs: dict) -> Family:
@@ -777,6 +824,7 @@ def save_base_model(
     checkpoint: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     embed_config: bool = True,
+    extra_metadata: dict[str, str] | None = None,
 ) -> None:
     """Saves components as a diffusers folder and/or an original-layout single-file checkpoint.
 
@@ -788,6 +836,7 @@ def save_base_model(
         checkpoint: `.safetensors` checkpoint to write (None: none).
         dtype: Dtype of the saved weights (both outputs).
         embed_config: Record the configs in the checkpoint's header, so it loads without a config folder.
+        extra_metadata: More header entries for the checkpoint.
     """
     family = family_of_configs(components["configs"])
     if folder is not None:
@@ -803,6 +852,7 @@ def save_base_model(
         state_dict = {key: value.to(dtype).contiguous() for key, value in state_dict.items()}
         # default=str: configs of loaded models carry paths (`_name_or_path`), which JSON cannot hold as they are.
         metadata = {EMBEDDED_CONFIG_KEY: json.dumps(components["configs"], default=str)} if embed_config else {}
+        metadata.update(extra_metadata or {})
         with atomic.atomic_file(checkpoint, durable=True) as temporary:
             save_file(state_dict, str(temporary), metadata=metadata)
 

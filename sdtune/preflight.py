@@ -10,12 +10,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from sdtune import data, families, logs, models, state
+from sdtune import data, families, logs, models, run_folder, state
 from sdtune.config import ConfigError, TrainConfig, with_native_resolution
 from sdtune.families import Family
 from sdtune.methods import lora, textual_inversion
@@ -90,13 +91,8 @@ def preflight(config: TrainConfig) -> list[data.Example]:
         ConfigError: With all problems found; nothing has been loaded yet.
     """
     errors: list[str] = _optimizer_problems(config) + _device_problems(config) + logs.missing_packages(config)
-    if config.resume:
-        try:
-            state.resolve(config.resume, Path(config.output_dir))
-        except state.StateError as error:
-            errors.append(str(error))
     examples, data_errors = data.scan_dataset(config, config.placeholder_token if config.uses_ti else None)
-    errors += data_errors
+    errors += data_errors + _output_problems(config, examples)
     try:
         family, tokenizers = models.read_base(config.base_model, config.base_model_config)
     except models.ModelError as error:
@@ -105,11 +101,85 @@ def preflight(config: TrainConfig) -> list[data.Example]:
         errors += _family_problems(config, family)
         if config.network_weights:
             errors += lora.file_config_problems(Path(config.network_weights), config, family)
-        if config.uses_ti:
-            errors += _token_problems(config, list(tokenizers.values()), examples)
+        errors += caption_problems(config, list(tokenizers.values()), examples)
     if errors:
         raise ConfigError(errors, "checks before loading the model")
     return examples
+
+
+def _output_problems(config: TrainConfig, examples: list[data.Example]) -> list[str]:
+    """The output folder: in use by another training, holding another run's outputs, or (with `resume`) a state
+    that this config and data cannot continue."""
+    folder = Path(config.output_dir)
+    # only the launcher's first process writes (and locks) the folder: the others would see its lock
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    in_use = run_folder.lock_problem(folder) if main_process else None
+    if in_use:
+        return [in_use]
+    if not config.resume:
+        return run_folder.ownership_problems(config) if main_process else []
+    try:
+        path = state.resolve(config.resume, folder)
+    except state.StateError as error:
+        return [str(error)]
+    meta = state.read_meta(path)
+    problems = run_folder.ownership_problems(config, meta.get("run_id")) if main_process else []
+    return problems + _resume_problems(config, examples, path, meta)
+
+
+def _resume_problems(config: TrainConfig, examples: list[data.Example], path: Path, meta: dict) -> list[str]:
+    """What differs between the state `path` and this run: settings (named), data (what changed), and a length
+    that the state has already reached. A longer or shorter run is stated, not refused."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's count; accelerate is not set up yet
+    problems = []
+    if "settings" in meta:
+        changed = state.settings_changes(meta["settings"], state.resumable_settings(config, processes))
+        if changed:
+            problems.append(
+                f"resume: {path} was saved with other settings ({'; '.join(changed)}); resume with the settings "
+                "that wrote it (only output, logging, save and length settings may change), or start a new run."
+            )
+    elif meta["config_digest"] not in state.accepted_digests(config, processes):
+        problems.append(
+            f"resume: {path} was saved by a run with other training settings (method, data, batch, optimizer, "
+            "number of processes...); resume with the config and launch that wrote it, or start a new output_dir."
+        )
+    problems += _resume_data_problems(path, meta, examples)
+    if examples and not problems:
+        problems += _resume_length_problems(config, examples, path, meta)
+    return problems
+
+
+def _resume_data_problems(path: Path, meta: dict, examples: list[data.Example]) -> list[str]:
+    if "dataset" not in meta or not examples:
+        return []
+    refusals, notes = state.dataset_changes(meta["dataset"], state.dataset_fingerprint(examples))
+    for note in notes:
+        logger.warning("resume: %s since %s was saved; resuming", note, path)
+    if not refusals:
+        return []
+    return [
+        f"resume: the training data changed since {path} was saved: {'; '.join(refusals)}. Resuming would not "
+        "continue the same run: restore the data, or start a new run (a new output_dir, or overwrite: true) that "
+        "starts from the trained file (network_weights: for a LoRA)."
+    ]
+
+
+def _resume_length_problems(config: TrainConfig, examples: list[data.Example], path: Path, meta: dict) -> list[str]:
+    total, done = dataset_steps(config, examples).total, meta["position"]["step"]
+    if total <= done:
+        return [
+            f"resume: {path} is at step {done} and this config trains {total} steps in all; to train on, set "
+            f"max_steps above {done}."
+        ]
+    planned = meta.get("total_steps")
+    if planned and planned != total:
+        logger.warning(
+            "resume: the run now trains %d steps (it was saved planning %d): the learning-rate schedule (%s) "
+            "spans %d steps from here on",
+            total, planned, config.lr_scheduler, total,
+        )  # fmt: skip
+    return []
 
 
 def _family_problems(config: TrainConfig, family: Family) -> list[str]:
@@ -122,10 +192,11 @@ def _family_problems(config: TrainConfig, family: Family) -> list[str]:
     return []
 
 
-def _token_problems(config: TrainConfig, tokenizers: list, examples: list[data.Example]) -> list[str]:
-    """The placeholder and init word against every tokenizer of the base, then the captions' lengths."""
+def caption_problems(config: TrainConfig, tokenizers: list, examples: list[data.Example]) -> list[str]:
+    """The placeholder and init word against every tokenizer of the base (TI), then the captions' lengths (every
+    method): what `sdtune validate`, `sdtune data` and training check alike."""
     problems = []
-    for tokenizer in tokenizers:
+    for tokenizer in tokenizers if config.uses_ti else ():
         problems += textual_inversion.check_tokens(
             tokenizer, config.placeholder_token, config.num_vectors, config.init_word
         )
@@ -136,25 +207,25 @@ def _token_problems(config: TrainConfig, tokenizers: list, examples: list[data.E
 
 
 def _caption_length_problems(config: TrainConfig, tokenizer, examples: list[data.Example]) -> list[str]:
-    """Captions CLIP would cut: an error where the placeholder itself is cut off, a warning otherwise.
+    """Captions CLIP would cut: an error where the TI placeholder itself is cut off, a warning otherwise.
 
     `tokenizer` is a throwaway copy of a base tokenizer; the placeholder tokens are added to it here.
     """
     limit = tokenizer.model_max_length - 2  # BOS and EOS take two of the 77 positions
-    placeholder, count = config.placeholder_token, config.num_vectors
-    tokenizer.add_tokens(textual_inversion.placeholder_tokens(placeholder, count))
-    last_vector_id = tokenizer.convert_tokens_to_ids(textual_inversion.placeholder_tokens(placeholder, count)[-1])
+    placeholder, count = (config.placeholder_token, config.num_vectors) if config.uses_ti else (None, 0)
+    last_vector_id = None
+    if placeholder:
+        tokenizer.add_tokens(textual_inversion.placeholder_tokens(placeholder, count))
+        last_vector_id = tokenizer.convert_tokens_to_ids(textual_inversion.placeholder_tokens(placeholder, count)[-1])
     errors, truncated = [], []
-    for example in examples:
-        if example.caption is None:
-            continue
-        caption = data.full_caption(example.caption, example.subset)
-        text = textual_inversion.expand_placeholder(caption, placeholder, count)
+    for example in dict.fromkeys(e for e in examples if e.caption is not None):  # each image once, not per repeat
+        text = data.full_caption(example.caption, example.subset)
+        text = textual_inversion.expand_placeholder(text, placeholder, count) if placeholder else text
         ids = tokenizer(text, add_special_tokens=False).input_ids
         if len(ids) <= limit:
             continue
         truncated.append(example.image_path.name)
-        if last_vector_id not in ids[:limit]:
+        if last_vector_id is not None and last_vector_id not in ids[:limit]:
             errors.append(
                 f"{example.image_path.name}: the caption is {len(ids)} tokens and CLIP reads only {limit}; the "
                 f"placeholder {placeholder!r} falls after the cut. Move it to the front of the caption."

@@ -9,6 +9,8 @@ The tags are removed from the text the text encoder sees. Unknown names are erro
 from __future__ import annotations
 
 import difflib
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +18,12 @@ from pathlib import Path
 from safetensors import safe_open
 
 from sdtune.errors import SdtuneError
-from sdtune.formats import FormatError
+from sdtune.formats import FormatError, is_lora
 
 LORA_TAG = re.compile(r"<lora:([^<>]*)>")
 COMFY_EMBEDDING = re.compile(r"embedding:([^\s,()<>:]+)")
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+STATE_MARKER = "state.json"  # what every sdtune training state folder holds (`state.py`); nothing in it is a LoRA
 
 
 class PromptError(SdtuneError, ValueError):
@@ -53,6 +56,8 @@ def lora_weights(name: str, fields: list[str], tag: str) -> tuple[float, float]:
     unknown = sorted(set(named) - {"te", "unet"})
     if unknown or len(positional) > 2:
         raise PromptError(f"{tag}: sdtune reads a weight, or text-encoder and UNet weights (te=, unet=); not {fields}")
+    if not all(math.isfinite(value) for value in [*positional, *named.values()]):
+        raise PromptError(f"{tag}: a weight must be a finite number, not {fields}; write <lora:{name}:0.8>")
     text_encoder = unet = positional[0] if positional else 1.0
     if len(positional) == 2:
         unet = positional[1]
@@ -88,36 +93,57 @@ def parse_prompt(prompt: str, embedding_names=()) -> ParsedPrompt:
     return ParsedPrompt(text, loras, embeddings)
 
 
-def _lora_aliases(path: Path) -> list[str]:
-    """The names a LoRA file answers to: its stem and its `ss_output_name` (A1111's alias)."""
-    names = [path.stem]
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                alias = (handle.metadata() or {}).get("ss_output_name")
-        except Exception as error:
-            raise FormatError(f"{path}: not a readable .safetensors file ({error}).") from error
-        if alias and alias != path.stem:
-            names.append(alias)
-    return names
+def _lora_names(path: Path) -> list[str]:
+    """The names a LoRA file answers to: its stem and its `ss_output_name` (A1111's alias); none when its keys are
+    no LoRA layout (kohya, diffusers/peft; the rule of `formats.read_artifact`): an embedding, a checkpoint, a
+    training state's weights. Only the header is read.
+
+    Raises:
+        FormatError: The file cannot be read as safetensors.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys, alias = list(handle.keys()), (handle.metadata() or {}).get("ss_output_name")
+    except Exception as error:
+        raise FormatError(f"{path}: not a readable .safetensors file ({error}).") from error
+    if not is_lora(keys):
+        return []
+    return [path.stem] + ([alias] if alias and alias != path.stem else [])
 
 
 class AdapterLibrary:
-    """The LoRA and embedding files in some folders, by the names prompts use."""
+    """The LoRA and embedding files in some folders (searched recursively), by the names prompts use.
+
+    Not listed: hidden files and folders (names starting with "."; unfinished writes), training state folders
+    (those holding `state.json`: their `trainable.safetensors` holds training weights, not a LoRA or embedding),
+    `.safetensors` files whose keys are no LoRA layout in a LoRA folder (kept in `not_loras` for the error that
+    names them) and LoRA files in an embedding folder.
+    """
 
     def __init__(self, lora_dirs=(), embedding_dirs=()):
         self.loras: dict[str, list[Path]] = {}
         self.embeddings: dict[str, list[Path]] = {}
+        self.not_loras: dict[str, list[Path]] = {}
         for folder in map(Path, lora_dirs):
-            for path in sorted(_files(folder, (".safetensors",), "LoRA")):
-                for name in _lora_aliases(path):
+            for path in _files(folder, (".safetensors",), "LoRA"):
+                names = _lora_names(path)
+                for name in names:
                     self.loras.setdefault(name, []).append(path)
+                if not names:
+                    self.not_loras.setdefault(path.stem, []).append(path)
         for folder in map(Path, embedding_dirs):
-            for path in sorted(_files(folder, EMBEDDING_SUFFIXES, "embedding")):
-                self.embeddings.setdefault(path.stem, []).append(path)
+            for path in _files(folder, EMBEDDING_SUFFIXES, "embedding"):
+                if path.suffix != ".safetensors" or not _lora_names(path):
+                    self.embeddings.setdefault(path.stem, []).append(path)
 
     def lora(self, name: str) -> Path:
         """The LoRA file called `name` (stem or `ss_output_name`)."""
+        if name not in self.loras and name in self.not_loras:
+            listed = ", ".join(map(str, self.not_loras[name]))
+            raise PromptError(
+                f"the prompt names LoRA {name!r}, but {listed} holds no LoRA (its keys are no kohya or diffusers "
+                "LoRA layout: an embedding, a checkpoint or training weights?). Name a LoRA file, or export one."
+            )
         return _one(name, self.loras, "LoRA", "<lora:NAME:WEIGHT>")
 
     def embedding(self, name: str) -> Path:
@@ -126,9 +152,17 @@ class AdapterLibrary:
 
 
 def _files(folder: Path, suffixes: tuple[str, ...], what: str) -> list[Path]:
+    """The files under `folder` with one of `suffixes`, sorted, leaving out hidden ones and training states."""
     if not folder.is_dir():
         raise FormatError(f"{what} folder {folder} does not exist (or is not a folder).")
-    return [p for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes]
+    found = []
+    for root, folders, names in os.walk(folder):
+        if STATE_MARKER in names:
+            folders[:] = []
+            continue
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [Path(root, n) for n in names if not n.startswith(".") and Path(n).suffix in suffixes]
+    return sorted(found)
 
 
 def _one(name: str, index: dict[str, list[Path]], what: str, syntax: str) -> Path:

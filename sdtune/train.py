@@ -28,6 +28,7 @@ from sdtune.config import ConfigError, TrainConfig
 from sdtune.errors import SdtuneError
 from sdtune.methods import Trainables, lora, textual_inversion
 from sdtune.preflight import StepsPlan
+from sdtune.run_folder import Claim, claim_output_folder, note_outputs, space_needed, space_problem
 
 logger = logging.getLogger(__name__)
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -55,6 +56,7 @@ class Run:
     lr_schedule: object
     steps: StepsPlan
     dataset: dict  # what the LoRA metadata records about the data (`data.dataset_summary`)
+    identity: state.RunIdentity  # what states record; the run id is set when `fit` claims the output folder
     started_at: float
     sample_grids: list = field(default_factory=list)  # every sample grid rendered so far, for progress.png
     text_cache: dict | None = None  # caption -> text-encoder output, with cache_text_encoder_outputs
@@ -92,12 +94,14 @@ class TrainingStopped(SdtuneError):
 
 
 class TrainingInterrupted(SdtuneError):
-    """Ctrl-C or SIGTERM stopped training after the state was saved; `state` is where to resume from."""
+    """Ctrl-C or SIGTERM stopped training after the state was saved; `state` is where to resume from. The exit code
+    is the shell's for a process ended by that signal: 130 (SIGINT), 143 (SIGTERM)."""
 
-    exit_code = 130  # the shell's code for Ctrl-C
+    exit_code = 130
 
-    def __init__(self, state_path: Path | None, steps: int):
+    def __init__(self, state_path: Path | None, steps: int, signal_number: int = signal.SIGINT):
         self.state, self.steps = state_path, steps
+        self.exit_code = 128 + int(signal_number)
         where = f"state saved to {state_path}; continue with resume=latest"
         where = where if state_path else "no state saved (save_state off)"
         super().__init__(f"interrupted after {steps} steps: {where}")
@@ -143,16 +147,21 @@ def setup(config: TrainConfig) -> Run:
     processes = (accelerator.num_processes, accelerator.process_index)
     loader, dataset_summary = data.training_loader(config, examples, *processes, latents)
     steps = preflight.steps_plan(config, len(examples), len(loader))
-    optimizer = _optimizer(config, trainables)
+    optimizer = methods.optimizer(config, trainables)
     lr_schedule = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=steps.total
     )
+    problem = space_problem(Path(config.output_dir), *space_needed(config, trainables.groups(), steps.total))
+    if problem and accelerator.is_main_process:
+        raise ConfigError([problem], "before training")
     unet, text_encoders = _prepare_modules(accelerator, base, trainables)
+    settings = state.resumable_settings(config, accelerator.num_processes)
+    identity = state.RunIdentity("", settings, state.dataset_fingerprint(examples))
     return Run(
         config=config, accelerator=accelerator, base=base, record=record, trainables=trainables, unet=unet,
         text_encoders=text_encoders, noise_scheduler=DDPMScheduler.from_config(base.scheduler_config),
         loader=loader, optimizer=accelerator.prepare(optimizer), lr_schedule=lr_schedule, steps=steps,
-        dataset=dataset_summary, started_at=started_at,
+        dataset=dataset_summary, identity=identity, started_at=started_at,
         text_cache={} if config.cache_text_encoder_outputs else None,
     )  # fmt: skip
 
@@ -177,21 +186,6 @@ def _accelerator(config: TrainConfig) -> Accelerator:
             "on CPUs (docs/training.md, multi-process)."
         )
     return accelerator
-
-
-def _optimizer(config: TrainConfig, trainables: Trainables) -> torch.optim.Optimizer:
-    """The configured optimizer over one parameter group per trainable part, each with its learning rate."""
-    rates = config.group_learning_rates()
-    groups = [{"params": ps, "lr": rates[name], "name": name} for name, ps in trainables.groups().items() if ps]
-    if config.optimizer_type == "adamw8bit":
-        import bitsandbytes  # optional package, checked by preflight
-
-        return bitsandbytes.optim.AdamW8bit(groups, weight_decay=config.adam_weight_decay)
-    if config.optimizer_type == "prodigy":
-        import prodigyopt  # optional package, checked by preflight
-
-        return prodigyopt.Prodigy(groups, weight_decay=config.adam_weight_decay)
-    return torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay)
 
 
 def _prepare_modules(accelerator: Accelerator, base: models.BaseModel, trainables: Trainables):
@@ -361,7 +355,19 @@ def fit(run: Run) -> TrainResult:
     Raises:
         TrainingStopped: The loss became NaN or infinite (the last good state was saved).
         TrainingInterrupted: Ctrl-C / SIGTERM; the state was saved first (with `save_state`).
+        OutputInUse: Another training took the output folder after the checks.
+        DiskFull: The disk filled up while saving (what was saved before is intact).
     """
+    # the main process takes the output folder (lock, run record; `overwrite` deletes the earlier run's files)
+    claim = claim_output_folder(run.config) if run.accelerator.is_main_process else Claim("", None)
+    run.identity.run_id = claim.run_id
+    try:
+        return _fit(run)
+    finally:
+        claim.release()
+
+
+def _fit(run: Run) -> TrainResult:
     config, accelerator, total = run.config, run.accelerator, run.steps.total
     result = TrainResult(final_path=Path(config.output_dir) / f"{config.output_name}.safetensors")
     result.main_process = accelerator.is_main_process
@@ -395,7 +401,7 @@ def fit(run: Run) -> TrainResult:
             _step_outputs(run, result, last, log)
             if _on_any_process(accelerator, bool(stop)):
                 bar.close()
-                raise TrainingInterrupted(_save_state(run, last), result.steps)
+                raise TrainingInterrupted(_save_state(run, last), result.steps, stop[0] if stop else signal.SIGINT)
             if result.steps >= total:
                 break
     bar.close()
@@ -416,9 +422,9 @@ def _start(run: Run, result: TrainResult) -> state.Position:
     if not config.resume:
         return state.Position(0, 0, 0)
     path = state.resolve(config.resume, Path(config.output_dir))
-    digest = state.config_digest(config, run.accelerator.num_processes)
+    digests = state.accepted_digests(config, run.accelerator.num_processes)
     groups = run.trainables.groups()
-    position = state.load_state(path, groups, run.optimizer, run.lr_schedule, digest, run.accelerator.scaler)
+    position = state.load_state(path, groups, run.optimizer, run.lr_schedule, digests, run.accelerator.scaler)
     result.steps = position.step
     _stop_embedding_if_due(run, position.step)
     logger.info("resumed from %s at step %d", path, position.step)
@@ -487,6 +493,7 @@ def _save_outputs(run: Run, steps: int, final: bool) -> list[Path]:
         written.append(export.save_lora_kohya(path, modules, key_map, dtype, metadata, family))
         if final and "diffusers" in config.export_formats:
             written.append(export.save_lora_diffusers(folder / f"{config.output_name}_diffusers", family, components))
+    note_outputs(folder, written)
     return written
 
 
@@ -498,7 +505,7 @@ def _lora_run_facts(run: Run, steps: int, final: bool) -> dict:
         "num_batches_per_epoch": run.dataset["batches_per_epoch"], "num_epochs": run.steps.epochs,
         "max_steps": run.steps.total, "learning_rates": run.config.group_learning_rates(), "dataset": run.dataset,
         "network_dim": lora.main_rank(*adapted), "network_alpha": lora.main_alpha(*adapted),
-        "num_processes": run.accelerator.num_processes,
+        "num_processes": run.accelerator.num_processes, "conv": lora.conv_settings(*adapted),
     }  # fmt: skip
     return {**facts, "finished_at": time.time()} if final else facts
 
@@ -509,8 +516,7 @@ def _save_state(run: Run, position: state.Position) -> Path | None:
         return None
     return state.save_state(
         Path(run.config.output_dir), position, run.trainables.groups(), run.optimizer, run.lr_schedule,
-        state.config_digest(run.config, run.accelerator.num_processes), run.config.keep_last_n,
-        run.accelerator.scaler,
+        run.identity, run.config.keep_last_n, run.accelerator.scaler, run.steps.total,
     )  # fmt: skip
 
 
@@ -530,10 +536,11 @@ def _non_finite_message(run: Run, step: int, value: float, last: state.Position)
 
 @contextmanager
 def _stop_requests():
-    """Turns SIGINT/SIGTERM into a flag (a non-empty list) the loop checks after each optimizer step."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each optimizer step: a list, non-empty once a signal
+    came, holding the signal numbers."""
     requested = []
     signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {number: signal.signal(number, lambda *_: requested.append(True)) for number in signals}
+    previous = {number: signal.signal(number, lambda number, _: requested.append(number)) for number in signals}
     try:
         yield requested
     finally:

@@ -74,3 +74,18 @@ def store_frozen_in_half(base: BaseModel, trainables: Trainables, dtype: torch.d
     with torch.no_grad():
         for param in trainables.parameters():
             param.data = param.data.float()
+
+
+def optimizer(config: TrainConfig, trainables: Trainables) -> torch.optim.Optimizer:
+    """The configured optimizer over one parameter group per trainable part, each with its learning rate."""
+    rates = config.group_learning_rates()
+    groups = [{"params": ps, "lr": rates[name], "name": name} for name, ps in trainables.groups().items() if ps]
+    if config.optimizer_type == "adamw8bit":
+        import bitsandbytes  # optional package, checked by preflight
+
+        return bitsandbytes.optim.AdamW8bit(groups, weight_decay=config.adam_weight_decay)
+    if config.optimizer_type == "prodigy":
+        import prodigyopt  # optional package, checked by preflight
+
+        return prodigyopt.Prodigy(groups, weight_decay=config.adam_weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay)

@@ -308,6 +308,17 @@ def main_rank(*models: nn.Module) -> int | None:
     return _most_common([layer.r[ADAPTER] for layer in layers if _is_1x1(layer.get_base_layer())])
 
 
+def conv_settings(*models: nn.Module) -> tuple[int, float] | None:
+    """(rank, alpha) most of the adapted 3x3 convs (LoCon) use, as kohya records them in `ss_network_args`
+    (`conv_dim`, `conv_alpha`); None without LoCon convs. Read from the modules, so a LoRA continued from a LoCon file
+    records what it holds."""
+    layers = [layer for model in models for _, layer in _lora_layers(model) if not _is_1x1(layer.get_base_layer())]
+    if not layers:
+        return None
+    rank = _most_common([layer.r[ADAPTER] for layer in layers])
+    return rank, _most_common([float(layer.lora_alpha[ADAPTER]) for layer in layers])
+
+
 def main_alpha(*models: nn.Module) -> float | None:
     """The alpha most Linear / 1x1 layers use (`ss_network_alpha`)."""
     layers = [layer for model in models for _, layer in _lora_layers(model)]

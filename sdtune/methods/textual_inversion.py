@@ -56,6 +56,13 @@ def check_tokens(tokenizer, placeholder: str, num_vectors: int, init_word: str) 
     init_ids = tokenizer(init_word, add_special_tokens=False).input_ids
     if not init_ids:
         errors.append(f"init_word: {init_word!r} tokenizes to nothing; use a word that describes the subject.")
+    elif len(init_ids) > num_vectors:  # the vectors could start from only the first tokens: say so, never drop them
+        pieces = ", ".join(repr(token.removesuffix("</w>")) for token in tokenizer.convert_ids_to_tokens(init_ids))
+        errors.append(
+            f"init_word: {init_word!r} is {len(init_ids)} tokens ({pieces}) but num_vectors is {num_vectors}, so "
+            f"the embedding would start from {pieces.split(', ')[0]} alone; set num_vectors: {len(init_ids)} (one "
+            "vector per token) or use a one-token init_word."
+        )
     return errors
 
 

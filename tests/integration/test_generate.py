@@ -143,3 +143,119 @@ def test_a_single_file_with_its_own_shapes_loads_with_base_config(tiny_base, tmp
     assert "UNet width 32 (config: 320)" in capsys.readouterr().err
     assert cli.main([*command, "--base-config", str(tiny_base["folder"])]) == 0
     assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["00000-1.png"]
+
+
+def _refused(command: list[str], capsys) -> str:
+    """Runs `sdtune generate` on a base that does not exist: a refusal here came before any model was read."""
+    assert cli.main(["generate", "--base", "no-such-model", *command]) == cli.EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and "no-such-model" not in error
+    return error
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--seed", str(2**64)], "command line: `seed` 18446744073709551616 is outside 0..18446744073709551615"),
+        (["--seed", "-5"], "`seed` -5 is outside 0..18446744073709551615 (2**64-1); -1 or no seed draws a random"),
+        (["--width", "33"], "command line: `width` 33 is not a multiple of 8 (the VAE works on 8x8-pixel blocks)"),
+        (["--height", "-64"], "`height` -64 is outside 8..8192 pixels"),
+        (["--width", "8192", "--height", "8192"], "8192x8192 is 67,108,864 pixels, over the 16,777,216 (4096x4096)"),
+        (["--guidance", "nan"], "command line: `guidance` nan is not a finite number"),
+        (["--steps", "0"], "`steps` 0 is outside 1..1000"),
+        (["--n", "0"], "`n` is 0; give 1 or more"),
+        (["--batch-size", "0"], "--batch-size 0: give 1 or more"),
+        (["--lora", "x.safetensors:nan"], "--lora x.safetensors:nan: a weight must be a finite number"),
+    ],
+)
+def test_command_line_values_are_refused_before_the_model_loads(tmp_path, capsys, options, message):
+    error = _refused(["--prompt", "a cat", "--out", str(tmp_path / "out"), *options], capsys)
+    assert error.startswith("sdtune generate: ") and message in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_values_of_every_job_source_are_checked_before_the_model_loads(tmp_path, capsys):
+    huge = "star " * 600_000  # 3 MB
+    error = _refused(["--prompt", huge, "--out", str(tmp_path / "out")], capsys)
+    assert "`prompt` is 3,000,000 characters; sdtune takes at most 10,000" in error and len(error) < 600
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text(f"a cat\n{huge}\n", encoding="utf-8")
+    assert f"{prompts_file}:2: `prompt` is 2,999,999 characters" in _refused(
+        ["--prompts-file", str(prompts_file)], capsys
+    )
+    for name, text, where in (
+        ("jobs.yaml", "- prompt: a cat\n- {prompt: a dog, width: 100, seed: -2}\n", "jobs.yaml: job 2"),
+        ("jobs.jsonl", '{"prompt": "a cat"}\n{"prompt": "a dog", "width": 100, "seed": -2}\n', "jobs.jsonl:2"),
+    ):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        error = _refused(["--jobs", str(tmp_path / name)], capsys)
+        assert (
+            f"{where}: `width` 100 is not a multiple of 8 (the VAE works on 8x8-pixel blocks); use 96 or 104; "
+            in error
+        )
+        assert "`seed` -2 is outside 0..18446744073709551615" in error
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
+    taken = tmp_path / "picture.png"
+    taken.write_bytes(b"an image someone keeps")
+    error = _refused(["--prompt", "a cat", "--out", str(taken)], capsys)
+    assert f"--out {taken} is a file; images and manifest.jsonl go into a folder" in error
+    assert taken.read_bytes() == b"an image someone keeps"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('- !!python/object/apply:os.system ["echo hi"]\n', "jobs.yaml:1:3: not valid YAML (could not determine a"),
+        ("- prompt: a cat\n  n: [2\n", "jobs.yaml:3:1: not valid YAML (expected ',' or ']', but got '<stream end>')"),
+        ("- prompt: a cat\n\tn: 2\n", "jobs.yaml:2:1: not valid YAML (found character '\\t' that cannot start"),
+        (b"- prompt: a caf\xe9\n", "jobs.yaml:1: not UTF-8 text (byte 0xe9 at offset 15); save the file as UTF-8."),
+    ],
+)
+def test_a_broken_job_file_is_an_error_naming_the_file_and_line(tmp_path, capsys, text, message):
+    jobs_file = tmp_path / "jobs.yaml"
+    jobs_file.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    error = _refused(["--jobs", str(jobs_file), "--out", str(tmp_path / "out")], capsys)
+    assert error.startswith(f"sdtune generate: {tmp_path / message}")
+    if "python" in str(text):
+        assert "tags such as !!python/... are refused, nothing was run" in error
+
+
+def test_a_non_finite_image_is_not_saved_and_the_others_are(tiny_base, tmp_path, capsys, monkeypatch):
+    """An image whose decoded pixels hold NaN (a broken VAE, LoRA or embedding) would be an all-black PNG: the run
+    stops with an error naming it; the good image of its batch is saved, it is not."""
+    from sdtune import inference
+
+    load = inference.AdapterPipeline.from_base
+
+    def second_image_nan(module, inputs, output):
+        output[1:] = float("nan")
+
+    def broken(*args, **kwargs):
+        pipe = load(*args, **kwargs)
+        pipe.pipe.vae.decoder.register_forward_hook(second_image_nan)
+        return pipe
+
+    monkeypatch.setattr(inference.AdapterPipeline, "from_base", staticmethod(broken))
+    out = tmp_path / "out"
+    command = ["generate", "--base", str(tiny_base["folder"]), "--prompt", "a red house", "--n", "2", "--seed", "7"]
+    assert cli.main([*command, "--batch-size", "2", "--steps", "2", "--out", str(out)]) == cli.EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert "job 1 (prompt 'a red house', seed 8): the decoded pixels are NaN or infinite" in error
+    assert "1 image(s) of it were saved (PNG and manifest line)" in error and "Traceback" not in error
+    assert [p.name for p in out.glob("*.png")] == ["00000-7.png"]
+    assert [json.loads(line)["seed"] for line in (out / "manifest.jsonl").read_text().splitlines()] == [7]
+
+
+def test_seed_minus_one_is_random_long_prompts_warn_and_clip_skip_fits_the_encoder(tiny_base, tmp_path, capsys):
+    out = tmp_path / "out"
+    long_prompt = " ".join(["a red star"] * 30)  # 90 tokens
+    command = ["generate", "--base", str(tiny_base["folder"]), "--prompt", long_prompt, "--seed", "-1"]
+    command += ["--steps", "2", "--width", "32", "--height", "32", "--out", str(out)]
+    assert cli.main(command) == 0
+    assert "warning: job 1: the prompt is 90 tokens" in capsys.readouterr().err
+    (entry,) = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert 0 <= entry["seed"] < 2**32 and (out / f"00000-{entry['seed']}.png").is_file()
+    assert cli.main([*command, "--clip-skip", "6"]) == cli.EXIT_BAD_INPUT
+    assert "clip_skip 6, but this base's text encoder has 5 layers; give 1 to 5" in capsys.readouterr().err

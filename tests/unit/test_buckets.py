@@ -99,7 +99,7 @@ def test_bucket_settings_are_checked():
             }
         )
     assert "bucket_reso_steps: must be a multiple of 8" in str(error.value)
-    with pytest.raises(ConfigError, match="need min <= resolution <= max"):
+    with pytest.raises(ConfigError, match="max_bucket_reso: 1024 is below resolution 2048; set max_bucket_reso: 4096"):
         parse_config(
             {
                 "base_model": "m",
@@ -112,6 +112,20 @@ def test_bucket_settings_are_checked():
     scaled = parse_config({"base_model": "m", "train_data_dir": "d", "enable_bucket": True, "resolution": 1024})
     assert (scaled.min_bucket_reso, scaled.max_bucket_reso) == (512, 2048)  # unset bounds: half and twice
     assert parse_config({"base_model": "m", "train_data_dir": "d", "resolution": 512}).max_bucket_reso == 1024
+
+
+def test_unset_bucket_settings_follow_a_small_resolution_and_set_ones_say_what_to_set():
+    """kohya's 64-pixel steps and 256..1024 bounds assume SD-sized images; a 32-pixel test run was refused with
+    "need min <= resolution <= max, got 256, 32, 1024" and no fix."""
+    raw = {"base_model": "m", "train_data_dir": "d", "enable_bucket": True, "resolution": 32}
+    small = parse_config(raw)
+    assert (small.bucket_reso_steps, small.min_bucket_reso, small.max_bucket_reso) == (8, 16, 64)
+    assert parse_config({**raw, "resolution": 512}).bucket_reso_steps == 64
+    with pytest.raises(ConfigError) as error:
+        parse_config({**raw, "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64})
+    message = str(error.value)
+    assert "bucket_reso_steps: 64 is larger than resolution 32, so no bucket fits; set bucket_reso_steps: 8" in message
+    assert "min_bucket_reso: 256 is above resolution 32; set min_bucket_reso: 16 (half the resolution)" in message
 
 
 def test_training_with_buckets_uses_bucket_sizes_and_records_them(tiny_base, tmp_path):

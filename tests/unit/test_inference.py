@@ -3,6 +3,9 @@ third-party layouts load; every compatibility gate refuses with its message and 
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
 from adapters_factory import a1111_embedding, apply_reference, kohya_lora
@@ -248,3 +251,59 @@ def test_our_trained_files_load_on_their_base_and_need_force_elsewhere(ti_config
     with pytest.raises(IncompatibleArtifactError, match="trained on tiny-sd1 \\(sha256 .*\\), this base is tiny-sd1"):
         on_folder.add_lora(out / "star_lora.safetensors")
     assert on_folder.add_lora(out / "star_lora.safetensors", force=True).warnings
+
+
+def test_images_are_the_pixels_the_pipeline_gives(pipe):
+    """`generate` reads the decoded floats to check them, then rounds them to uint8 as diffusers does."""
+    ours = pipe.generate(["a photo", "a cat"], seeds=[4, 5], steps=2, width=32, height=32)
+    generators = [torch.Generator().manual_seed(seed) for seed in (4, 5)]
+    theirs = pipe.pipe(["a photo", "a cat"], num_inference_steps=2, width=32, height=32, generator=generators).images
+    assert [np.asarray(image).tobytes() for image in ours] == [np.asarray(image).tobytes() for image in theirs]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_an_image_decoded_to_non_finite_pixels_is_refused(pipe, value):
+    """NaN would be an all-black PNG; infinity is clamped to 0 or 1 by diffusers before the pixels come back, so it is
+    caught at the decoder's output."""
+    with torch.no_grad():
+        pipe.pipe.vae.decoder.conv_out.bias[0] = value  # a broken VAE: every pixel's red channel
+    with pytest.raises(inference.NonFiniteImageError) as error:
+        pipe.generate(["a photo", "a cat"], seeds=[4, 5], steps=2, width=32, height=32)
+    message = str(error.value)
+    assert "prompt 'a photo' (seed 4); prompt 'a cat' (seed 5): the decoded pixels are NaN or infinite" in message
+    assert "nothing was saved for them" in message and "float16 VAE" in message and "LoRA or embedding" in message
+    assert error.value.images == [None, None]
+
+
+def test_only_the_non_finite_image_of_a_batch_is_refused(pipe):
+    def break_second(module, inputs, output):
+        output[1, :, 0, 0] = float("nan")
+
+    hook = pipe.pipe.vae.decoder.register_forward_hook(break_second)
+    try:
+        with pytest.raises(inference.NonFiniteImageError, match=r"^prompt 'a cat' \(seed 5\): the decoded") as error:
+            pipe.generate(["a photo", "a cat"], seeds=[4, 5], steps=2, width=32, height=32)
+    finally:
+        hook.remove()
+    good, bad = error.value.images
+    assert bad is None and good.size == (32, 32)
+    assert np.array_equal(
+        np.asarray(good), np.asarray(pipe.generate(["a photo"], [4], steps=2, width=32, height=32)[0])
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"width": 30}, "`width` 30 is not a multiple of 8"),
+        ({"width": 0}, "`width` 0 is outside 8..8192"),
+        ({"guidance": float("nan")}, "`guidance` nan is not a finite number"),
+        ({"steps": 0}, "`steps` 0 is outside 1..1000"),
+        ({"seeds": [2**64]}, "seed 18446744073709551616 is outside -2**63..2**64-1"),
+        ({"clip_skip": 6}, "clip_skip 6 is outside 1..5, the text encoder's layers"),
+    ],
+)
+def test_settings_that_cannot_be_drawn_are_refused_before_sampling(pipe, settings, message):
+    arguments = {"seeds": [1], "steps": 2, "width": 32, "height": 32, **settings}
+    with pytest.raises(inference.SettingError, match=re.escape(message)):
+        pipe.generate(["a photo"], **arguments)

@@ -1,11 +1,16 @@
 """Auto-labeling: template and open_clip backends write metadata.csv that the trainer reads back; the tagger ranks
-by the model's real similarities; existing captions and columns are kept."""
+by the model's real similarities; existing captions and columns are kept. Labeling never touches the network: a hub
+model is used from the local cache or refused at once with the way out, and every bad folder, model, image or option
+is refused with a message that names it."""
 
 from __future__ import annotations
 
 import json
 import runpy
+import shutil
+import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,6 +112,7 @@ def test_openclip_labels_through_the_cli_deterministically(folder, tiny_clip, tm
 
 
 def test_label_errors_and_the_tools_script(folder, tmp_path, monkeypatch, capsys):
+    (tmp_path / "empty").mkdir()
     assert cli.main(["label", str(tmp_path / "empty")]) == 2
     assert "no images" in capsys.readouterr().err
     (folder / "metadata.csv").write_text("image,text\n", encoding="utf-8")
@@ -157,3 +163,181 @@ def test_blip_backend_writes_the_models_greedy_captions(folder, tiny_blip, capsy
     expected = [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
     assert cli.main(["label", str(folder), "--backend", "blip", "--model", str(tiny_blip)]) == 0
     assert list(_trainer_captions(folder).values()) == expected
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch) -> list[str]:
+    """No network (every connection attempt is recorded and fails) and an empty Hugging Face cache of our own."""
+    import huggingface_hub
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(repr(args[:2]))
+        raise OSError("the network is off in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    return attempts
+
+
+def _cache_repo(repo_id: str, files: dict[str, Path]) -> None:
+    """Puts `files` into the (test's) Hugging Face cache as a downloaded snapshot of `repo_id` would be laid out."""
+    import huggingface_hub
+
+    root = Path(huggingface_hub.constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit, encoding="utf-8")
+    (root / "snapshots" / commit).mkdir(parents=True)
+    for name, source in files.items():
+        shutil.copy(source, root / "snapshots" / commit / name)
+
+
+@pytest.mark.parametrize(
+    ("command", "way_out"),
+    [
+        (["--backend", "openclip", "--model", "ViT-B-32", "--pretrained", "openai"], "--pretrained /path/to/"),
+        (["--backend", "blip", "--model", "Salesforce/blip-image-captioning-base"], "--model /path/to/"),
+        (["--backend", "openclip", "--model", "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"], "local-dir:/path/to"),
+    ],
+)
+def test_a_hub_model_not_on_this_machine_is_refused_at_once(folder, offline, command, way_out, capsys):
+    import open_clip  # noqa: F401  (its import time is not what this measures)
+
+    start = time.monotonic()
+    assert cli.main(["label", str(folder), *command]) == 2
+    assert time.monotonic() - start < 5 and offline == []
+    err = capsys.readouterr().err
+    assert command[-1] in err and "never downloads" in err and way_out in err and "hf download" in err
+    assert "Traceback" not in err and not (folder / "metadata.csv").exists()
+
+
+def test_a_hub_model_already_in_the_cache_loads_without_network(folder, tiny_clip, tiny_blip, offline, monkeypatch):
+    import open_clip
+
+    direct = labeling.OpenClipTagger(tiny_clip["name"], tiny_clip["checkpoint"], ("red", "green", "blue"), top_k=2)
+    expected = direct.caption([data.load_rgb(p) for p in sorted(folder.glob("*.png"))])
+    fake_tag = {"fake": {"url": "", "hf_hub": "sdtune-test/tiny-clip/", "mean": None, "std": None}}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, tiny_clip["name"], fake_tag)
+    _cache_repo("sdtune-test/tiny-clip", {"open_clip_pytorch_model.bin": Path(tiny_clip["checkpoint"])})
+    tagger = labeling.OpenClipTagger(tiny_clip["name"], "fake", ("red", "green", "blue"), top_k=2)
+    assert tagger.caption([data.load_rgb(p) for p in sorted(folder.glob("*.png"))]) == expected
+
+    _cache_repo("sdtune-test/tiny-blip", {path.name: path for path in tiny_blip.iterdir()})
+    assert cli.main(["label", str(folder), "--backend", "blip", "--model", "sdtune-test/tiny-blip"]) == 0
+    assert len(_trainer_captions(folder)) == 3 and offline == []
+
+
+@pytest.mark.parametrize(
+    ("pretrained", "expected"),
+    [
+        ("missing/weights.bin", "no such file, and not a pretrained tag"),
+        ("text", "cannot be loaded"),
+        ("empty", "cannot be loaded"),
+        (None, "needs --pretrained"),
+    ],
+)
+def test_a_bad_pretrained_is_refused_naming_it(folder, tiny_clip, tmp_path, offline, pretrained, expected, capsys):
+    command = ["label", str(folder), "--backend", "openclip", "--model", tiny_clip["name"]]
+    if pretrained in ("text", "empty"):
+        pretrained = str(tmp_path / f"{pretrained}.bin")
+        Path(pretrained).write_text("not a checkpoint\n" if "text" in pretrained else "", encoding="utf-8")
+    if pretrained:
+        command += ["--pretrained", str(tmp_path / pretrained)]
+    assert cli.main(command) == 2
+    err = capsys.readouterr().err
+    assert expected in err and (pretrained is None or str(tmp_path / pretrained) in err)
+    assert "Traceback" not in err and offline == [] and not (folder / "metadata.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("empty", "has no config.json"),
+        ("not-blip", "a 'clip' model, not BLIP"),
+        ("no-weights", "cannot be loaded"),
+        ("file", "is a file"),
+        ("./missing-folder", "no such folder"),
+    ],
+)
+def test_a_bad_blip_model_folder_is_refused_naming_it(folder, tiny_blip, tmp_path, offline, model, expected, capsys):
+    path = tmp_path / model
+    if model == "empty":
+        path.mkdir()
+    elif model == "not-blip":
+        path.mkdir()
+        (path / "config.json").write_text('{"model_type": "clip"}', encoding="utf-8")
+    elif model == "no-weights":
+        shutil.copytree(tiny_blip, path, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    elif model == "file":
+        path.write_text("hello\n", encoding="utf-8")
+    target = model if model.startswith("./") else str(path)
+    assert cli.main(["label", str(folder), "--backend", "blip", "--model", target]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and f"--model {target}" in err and "Traceback" not in err and offline == []
+
+
+def _truncate(path: Path) -> None:
+    Image.effect_noise((64, 64), 50).convert("RGB").save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_the_template_backend_never_opens_images(folder, monkeypatch, capsys):
+    _truncate(folder / "img1.png")
+    opened = []
+    monkeypatch.setattr(Image, "open", lambda *args, **kwargs: opened.append(args) or pytest.fail("opened"))
+    assert cli.main(["label", str(folder), "--trigger", "zz"]) == 0
+    assert opened == [] and "wrote 3 caption(s)" in capsys.readouterr().out
+    rows = (folder / "metadata.csv").read_text(encoding="utf-8").splitlines()
+    assert rows == ["file_name,text", "img0.png,a photo of zz", "img1.png,a photo of zz", "img2.png,a photo of zz"]
+
+
+def test_a_model_backend_refuses_or_skips_an_image_that_does_not_decode(folder, tiny_clip, tmp_path, capsys):
+    _truncate(folder / "img1.png")
+    (tmp_path / "tags.txt").write_text("red\ngreen\n", encoding="utf-8")
+    command = ["label", str(folder), "--backend", "openclip", "--model", tiny_clip["name"]]
+    command += ["--pretrained", tiny_clip["checkpoint"], "--tags", str(tmp_path / "tags.txt")]
+    assert cli.main(command) == 2
+    err = capsys.readouterr().err
+    assert str(folder / "img1.png") in err and "--bad-images skip" in err and "Traceback" not in err
+    assert not (folder / "metadata.csv").exists()
+    assert cli.main([*command, "--bad-images", "skip"]) == 0
+    out, err = capsys.readouterr()
+    assert "wrote 2 caption(s)" in out and "skipped 1 image(s)" in err
+    rows = (folder / "metadata.csv").read_text(encoding="utf-8").splitlines()
+    assert [row.split(",")[0] for row in rows] == ["file_name", "img0.png", "img2.png"]
+
+
+def test_a_missing_folder_or_a_file_is_named_as_such(tmp_path, capsys):
+    assert cli.main(["label", str(tmp_path / "nowhere")]) == 2
+    assert f"{tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
+    (tmp_path / "photo.png").write_bytes(b"")
+    assert cli.main(["label", str(tmp_path / "photo.png"), "--backend", "openclip", "--model", "ViT-B-32"]) == 2
+    assert f"{tmp_path / 'photo.png'}: a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--backend", "openclip", "--model", "ViT-B-32", "--tags", "{tmp}/none.txt"], "--tags {tmp}/none.txt"),
+        (["--backend", "openclip", "--model", "ViT-B-32", "--tags", "{tmp}"], "--tags {tmp}: cannot be read"),
+        (["--backend", "openclip", "--model", "tiny", "--model-config", "{tmp}/tiny.json"], "--model-config"),
+        (["--backend", "openclip", "--model", "ViT-B-3", "--pretrained", "openai"], "did you mean ViT-B-32"),
+        (["--backend", "openclip", "--model", "ViT-B-32", "--pretrained", "x", "--top-k", "0"], "--top-k 0"),
+        (["--backend", "openclip", "--model", "ViT-B-32", "--pretrained", "x", "--device", "cuda:99"], "cuda:99"),
+        (["--backend", "openclip", "--model", "ViT-B-32", "--pretrained", "x", "--device", "gpu"], "not a torch"),
+        (["--backend", "blip", "--model", "x", "--pretrained", "openai"], "--pretrained: not used by --backend"),
+        (["--template", "a {name}"], "only {trigger} can be filled in"),
+        (["--batch-size", "0"], "--batch-size 0"),
+        (["--caption-column", "file_name"], "--caption-column 'file_name'"),
+    ],
+)
+def test_bad_options_are_refused_naming_them(folder, tmp_path, offline, options, expected, capsys):
+    options = [option.replace("{tmp}", str(tmp_path)) for option in options]
+    assert cli.main(["label", str(folder), *options]) == 2
+    err = capsys.readouterr().err
+    assert expected.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err and offline == []
+    assert not (folder / "metadata.csv").exists()

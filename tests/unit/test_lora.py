@@ -185,16 +185,9 @@ def test_diffusers_layout_export_reloads_identically(lora_config_dict, tiny_base
 
 def test_continuing_from_a_file_starts_where_the_file_is(lora_config_dict, tiny_base, tmp_path):
     first = fit(setup(parse_config({**lora_config_dict, "conv_rank": 2, "save_precision": "fp16"})))
+    settings = {k: v for k, v in lora_config_dict.items() if k not in ("lora_rank", "lora_alpha")}
     continued = setup(
-        parse_config({**lora_config_dict, "network_weights": str(first.final_path), "output_dir": str(tmp_path / "c")})
-        if False
-        else parse_config(
-            {
-                **{k: v for k, v in lora_config_dict.items() if k not in ("lora_rank", "lora_alpha")},
-                "network_weights": str(first.final_path),
-                "output_dir": str(tmp_path / "c"),
-            }
-        )
+        parse_config({**settings, "network_weights": str(first.final_path), "output_dir": str(tmp_path / "c")})
     )
     at_step_0 = _outputs(continued.base.tokenizer, continued.base.text_encoder, continued.base.unet)
     pipe = _pipe(tiny_base, first.final_path)
@@ -204,6 +197,10 @@ def test_continuing_from_a_file_starts_where_the_file_is(lora_config_dict, tiny_
     assert lora.main_rank(continued.base.unet, continued.base.text_encoder) == 4
     result = fit(continued)
     assert set(load_file(str(result.final_path))) == set(load_file(str(first.final_path)))
+    # the config sets no conv_rank (the file decides), yet kohya's metadata must record the LoCon convs it holds
+    with safe_open(str(first.final_path), "pt") as before, safe_open(str(result.final_path), "pt") as after:
+        assert json.loads(after.metadata()["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2.0"}
+        assert after.metadata()["ss_network_args"] == before.metadata()["ss_network_args"]
 
 
 def test_continuing_refuses_settings_that_contradict_the_file(lora_config_dict, tmp_path):

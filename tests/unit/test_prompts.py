@@ -31,6 +31,9 @@ def test_embeddings_by_stem_and_comfyui_syntax():
         ("<lora:a:dyn=4>", "sdtune reads a weight"),
         ("<lora::1>", "the LoRA name is empty"),
         ("<lora:a:1> <lora:a:0.5>", "names <lora:a> twice"),
+        ("<lora:a:nan>", "a weight must be a finite number"),
+        ("<lora:a:1:inf>", "a weight must be a finite number"),
+        ("<lora:a:te=-inf>", "a weight must be a finite number"),
     ],
 )
 def test_malformed_tags_are_errors(prompt, message):
@@ -57,3 +60,29 @@ def test_library_resolves_stems_and_output_names(tmp_path):
         AdapterLibrary([loras]).lora("red_star")
     with pytest.raises(prompts.FormatError, match="does not exist"):
         AdapterLibrary([tmp_path / "missing"])
+
+
+def test_training_states_and_other_files_are_not_listed_as_loras_or_embeddings(tmp_path):
+    """`--lora-dir output` lists the LoRAs of a run, not the weights of its resumable training states (`state/`),
+    an unfinished write (a hidden folder) or an embedding; files are told apart by their keys, not their names."""
+    factors = {"lora_unet_x.lora_down.weight": torch.zeros(1, 2), "lora_unet_x.lora_up.weight": torch.zeros(2, 1)}
+    peft = {"unet.x.lora_A.weight": torch.zeros(1, 2), "unet.x.lora_B.weight": torch.zeros(2, 1)}
+    output = tmp_path / "output"
+    for step in ("state/step-00000040", "state/step-00000080", ".step-00000120.tmp99"):
+        (output / step).mkdir(parents=True)
+        save_file(
+            {"lora.0": torch.zeros(2, 2), "lora.1": torch.zeros(2, 2)}, str(output / step / "trainable.safetensors")
+        )
+        save_file(factors, str(output / step / "looks_like_a_lora.safetensors"))
+        (output / step / "state.json").write_text("{}", encoding="utf-8")
+    (output / ".step-00000120.tmp99" / "state.json").unlink()  # a state being written: not yet marked
+    save_file(factors, str(output / "run.safetensors"))
+    save_file(peft, str(output / "pytorch_lora_weights.safetensors"))
+    save_file({"emb_params": torch.zeros(1, 4)}, str(output / "myemb.safetensors"))
+    library = AdapterLibrary([output], [output])
+    assert sorted(library.loras) == ["pytorch_lora_weights", "run"]
+    assert sorted(library.embeddings) == ["myemb"]
+    with pytest.raises(PromptError, match=r"myemb.safetensors holds no LoRA \(its keys are no kohya or diffusers"):
+        library.lora("myemb")
+    with pytest.raises(PromptError, match="no such file is known"):
+        library.lora("trainable")
