@@ -4,6 +4,7 @@ both (`log_with`). On the other processes of a data-parallel run a `RunLog` is s
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from sdtune.config import TrainConfig, to_dict
 
+_MEMORY_EVERY = 10  # steps between peak-memory scalars (and the first and last step)
 BACKENDS = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ("tensorboard", "wandb")}
 
 
@@ -27,13 +29,26 @@ def accelerate_trackers(config: TrainConfig) -> list[str] | None:
     return ["wandb"] if "wandb" in BACKENDS[config.log_with] else None
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set size in MiB. Linux: `VmHWM` of /proc/self/status, the peak of this program
+    (`ru_maxrss` would include the process it was started from, which Linux carries over an exec); other systems:
+    `ru_maxrss` (kilobytes on Linux, bytes on macOS)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource  # Unix only
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 def _peak_memory_scalar() -> tuple[str, float]:
     """(name, MiB) of this process's peak memory: CUDA allocations on a GPU, else the resident set size."""
     if torch.cuda.is_available():
         return "memory/peak_cuda_allocated_mib", torch.cuda.max_memory_allocated() / 2**20
-    import resource  # Unix only; CPU training elsewhere logs no memory figure
-
-    return "memory/peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return "memory/peak_rss_mib", peak_rss_mib()
 
 
 class RunLog:
@@ -85,15 +100,16 @@ class RunLog:
 
     def log_step(self, step: int, loss: float, param_groups: list[dict], done: int, elapsed: float, batch: int):
         """Per-step scalars: the loss, the learning rate of each optimizer group, throughput since this run
-        (re)started (`done` steps of `batch` samples in `elapsed` seconds, all processes), peak memory (this
-        process)."""
+        (re)started (`done` steps of `batch` samples in `elapsed` seconds, all processes); every tenth step the
+        peak memory (this process)."""
         self.add_scalar("loss", loss, step)
         for group in param_groups:
             self.add_scalar(f"lr/{group['name']}", group["lr"], step)
         elapsed = max(elapsed, 1e-9)
         self.add_scalar("speed/steps_per_second", done / elapsed, step)
         self.add_scalar("speed/samples_per_second", done * batch / elapsed, step)
-        self.add_scalar(*_peak_memory_scalar(), step)
+        if step == 1 or step % _MEMORY_EVERY == 0:  # reading the peak costs a file read (CPU) or a call (CUDA)
+            self.add_scalar(*_peak_memory_scalar(), step)
 
     def log_epoch_loss(self, epoch: int, step: int, loss: float) -> None:
         """Adds a step's loss to its epoch; when the epoch changed, logs `loss/epoch_mean` of the finished one."""
@@ -109,6 +125,7 @@ class RunLog:
         """Logs the last epoch's mean loss and the run's settings with its final loss (TensorBoard's HPARAMS tab,
         to compare runs; the wandb run summary), then closes every backend."""
         self._flush_epochs(step)
+        self.add_scalar(*_peak_memory_scalar(), step)
         settings = {k: v for k, v in to_dict(config).items() if isinstance(v, (int, float, str, bool))}
         metrics = {"hparam/final_loss": final_loss, "hparam/steps": step}
         if self.tensorboard is not None:

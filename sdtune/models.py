@@ -98,6 +98,9 @@ class TextConditioning:
     pooled: torch.Tensor | None = None  # [batch, projection]: the pooled embedding (SDXL's added conditioning)
 
 
+_TOKEN_CACHE_LIMIT = 65536  # prompts whose token ids `token_ids` keeps (about 1 KB each)
+
+
 def encode_text(family: Family, parts: Mapping, prompts: list[str], device, clip_skip: int = 1) -> TextConditioning:
     """The text conditioning of `prompts`: per text encoder of the family the hidden state it feeds the UNet
     (kohya/A1111's `clip_skip` N takes the layer N-1 earlier), concatenated along the width, and the pooled embedding
@@ -116,13 +119,38 @@ def encode_text(family: Family, parts: Mapping, prompts: list[str], device, clip
             `clip_skip` counts one less and reads `text_encoder.text_model`, a level transformers 5 no longer has,
             so sdtune computes it here.
     """
+    return encode_ids(family, parts, token_ids(family, parts, prompts, device), clip_skip)
+
+
+def token_ids(family: Family, parts: Mapping, prompts: list[str], device, cache: dict | None = None) -> dict:
+    """Each text encoder's `[batch, 77]` token ids of `prompts` (padded, cut at the tokenizer's length), by component
+    name: what `encode_ids` reads. With `cache` (prompt -> ids, kept by the caller) each distinct prompt is tokenized
+    once: tokenizing is Python work a training step would otherwise repeat for every batch."""
+    if cache is None:
+        return {
+            spec.component: parts[spec.tokenizer](
+                prompts, padding="max_length", max_length=parts[spec.tokenizer].model_max_length, truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+            for spec in family.text_encoders
+        }  # fmt: skip
+    missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in cache]
+    if missing:
+        if len(cache) + len(missing) > _TOKEN_CACHE_LIMIT:  # shuffled captions are new strings every time
+            cache.clear()
+        fresh = token_ids(family, parts, missing, device)
+        cache.update({prompt: {name: ids[i] for name, ids in fresh.items()} for i, prompt in enumerate(missing)})
+    return {spec.component: torch.stack([cache[p][spec.component] for p in prompts]) for spec in family.text_encoders}
+
+
+def encode_ids(
+    family: Family, parts: Mapping, ids: Mapping[str, torch.Tensor], clip_skip: int = 1
+) -> TextConditioning:
+    """The text conditioning of token ids (`token_ids`); see `encode_text`."""
     states, pooled = [], None
     for spec in family.text_encoders:
-        tokenizer, encoder = parts[spec.tokenizer], parts[spec.component]
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        output = encoder(ids, output_hidden_states=True)
+        encoder, component_ids = parts[spec.component], ids[spec.component]
+        output = encoder(component_ids, output_hidden_states=True)
         model = getattr(encoder, "module", encoder)  # unwrapped from multi-process wrappers
         layer = spec.hidden_layer - (clip_skip - 1)
         if layer == -1 and spec.final_layer_norm:
@@ -132,10 +160,9 @@ def encode_text(family: Family, parts: Mapping, prompts: list[str], device, clip
         else:
             states.append(output.hidden_states[layer])
         if spec.pooled:
-            first_end = (ids == tokenizer.eos_token_id).int().argmax(dim=-1)
-            pooled = model.text_projection(
-                output.last_hidden_state[torch.arange(len(ids), device=ids.device), first_end]
-            )
+            first_end = (component_ids == parts[spec.tokenizer].eos_token_id).int().argmax(dim=-1)
+            rows = torch.arange(len(component_ids), device=component_ids.device)
+            pooled = model.text_projection(output.last_hidden_state[rows, first_end])
     return TextConditioning(states[0] if len(states) == 1 else torch.cat(states, dim=-1), pooled)
 
 

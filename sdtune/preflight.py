@@ -247,6 +247,12 @@ def _device_problems(config: TrainConfig) -> list[str]:
         )
     elif config.xformers and not torch.cuda.is_available():
         problems.append("xformers: true needs a CUDA GPU (its kernels have no CPU version); remove it here.")
+    if config.tf32 and not torch.cuda.is_available():
+        problems.append("tf32: true needs a CUDA GPU (Ampere or newer); remove it here.")
+    elif config.tf32 and config.mixed_precision != "no":
+        problems.append(
+            f"tf32: true speeds up float32 math, but mixed_precision is {config.mixed_precision}; remove one."
+        )
     return problems
 
 

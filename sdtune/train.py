@@ -32,7 +32,6 @@ from sdtune.run_folder import Claim, claim_output_folder, note_outputs, space_ne
 
 logger = logging.getLogger(__name__)
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # ---------------------------------------------------------------------------------------------------------------
 # The run's types
@@ -60,6 +59,7 @@ class Run:
     started_at: float
     sample_grids: list = field(default_factory=list)  # every sample grid rendered so far, for progress.png
     text_cache: dict | None = None  # caption -> text-encoder output, with cache_text_encoder_outputs
+    token_cache: dict = field(default_factory=dict)  # caption -> token ids (`models.token_ids`)
 
     @property
     def text_parts(self) -> dict:
@@ -127,16 +127,7 @@ def setup(config: TrainConfig) -> Run:
     base = models.load_for_training(config)
     record = compat.base_record(base)  # before a placeholder changes the tokenizers
     trainables = methods.attach(config, base)
-    if config.mixed_precision in HALF_DTYPES:
-        # a VAE that overflows in fp16 (SDXL's) stays float32 unless the config names another one
-        keep_vae = config.no_half_vae or (
-            config.mixed_precision == "fp16" and base.family.vae_overflows_in_fp16 and not config.vae
-        )
-        methods.store_frozen_in_half(base, trainables, HALF_DTYPES[config.mixed_precision], keep_vae)
-    if config.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-    if config.xformers:
-        base.unet.enable_xformers_memory_efficient_attention()
+    methods.configure_modules(config, base, trainables)  # precision, gradient checkpointing, attention kernels
     for module in (base.unet, base.vae, *base.text_encoders.values()):
         module.to(accelerator.device)
     latents = None
@@ -207,7 +198,8 @@ def _prepare_modules(accelerator: Accelerator, base: models.BaseModel, trainable
 
 def _text(run: Run, prompts: list[str], device: torch.device) -> models.TextConditioning:
     """The run's text conditioning of `prompts` (with its `clip_skip`), see `models.encode_text`."""
-    return models.encode_text(run.base.family, run.text_parts, prompts, device, run.config.clip_skip)
+    ids = models.token_ids(run.base.family, run.text_parts, prompts, device, run.token_cache)
+    return models.encode_ids(run.base.family, run.text_parts, ids, run.config.clip_skip)
 
 
 def _cached_text(run: Run, captions: list[str], device: torch.device) -> models.TextConditioning:
@@ -232,8 +224,8 @@ def _predict(run: Run, unet, noisy, timesteps, text: models.TextConditioning, ti
 def _latent_distribution(batch: dict, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the batch's VAE latent distributions, from the latent cache or the VAE, unscaled."""
     device = run.accelerator.device
-    if "latent_mean" in batch:
-        return batch["latent_mean"].to(device), batch["latent_std"].to(device)
+    if "latent_mean" in batch:  # pinned on a GPU machine: the copy does not wait
+        return batch["latent_mean"].to(device, non_blocking=True), batch["latent_std"].to(device, non_blocking=True)
     vae = run.base.vae
     distribution = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist
     return distribution.mean.float(), distribution.std.float()
@@ -300,9 +292,12 @@ def _train_step(run: Run, batch: dict) -> torch.Tensor:
             captions = [textual_inversion.expand_placeholder(c, config.placeholder_token, count) for c in captions]
         with accelerator.autocast():
             loss = _loss(batch, run, captions)
-        if _on_any_process(accelerator, not torch.isfinite(loss)):  # every process stops, or the others would hang
-            raise NonFiniteLoss(float(loss))
         accelerator.backward(loss)
+        # checked after the backward pass, so a GPU runs forward and backward without waiting for the check; the
+        # weights change only at the optimizer step. Every process stops, or the others would hang.
+        if _on_any_process(accelerator, not torch.isfinite(loss)):
+            run.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(float(loss.detach()))
         if accelerator.sync_gradients:
             if config.max_grad_norm:
                 accelerator.clip_grad_norm_(run.trainables.parameters(), config.max_grad_norm)
@@ -392,7 +387,8 @@ def _fit(run: Run) -> TrainResult:
             result.last_loss = _mean_over_processes(accelerator, loss.detach())
             _stop_embedding_if_due(run, result.steps)
             bar.update(1)
-            bar.set_postfix(loss=f"{result.last_loss:.4f}", lr=f"{run.lr_schedule.get_last_lr()[0]:.2e}")
+            lr = f"{run.lr_schedule.get_last_lr()[0]:.2e}"
+            bar.set_postfix(loss=f"{result.last_loss:.4f}", lr=lr, refresh=False)  # tqdm redraws at most 10 times/s
             samples_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
             done, elapsed = result.steps - start.step, time.perf_counter() - started
             log.log_step(result.steps, result.last_loss, run.optimizer.param_groups, done, elapsed, samples_per_step)

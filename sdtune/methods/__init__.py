@@ -4,6 +4,7 @@ has."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +12,8 @@ import torch
 from sdtune.config import TrainConfig
 from sdtune.methods import lora, textual_inversion
 from sdtune.models import BaseModel
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,6 +62,29 @@ def attach(config: TrainConfig, base: BaseModel) -> Trainables:
             )
             trainables.embedding.append(vectors)
     return trainables
+
+
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def configure_modules(config: TrainConfig, base: BaseModel, trainables: Trainables) -> None:
+    """How the base's modules run during training: frozen weights in half precision with mixed precision (a VAE
+    that overflows in fp16, SDXL's, stays float32 unless the config names another one), gradient checkpointing,
+    xformers attention, TF32, torch.compile."""
+    if config.mixed_precision in HALF_DTYPES:
+        keep_vae = config.no_half_vae or (
+            config.mixed_precision == "fp16" and base.family.vae_overflows_in_fp16 and not config.vae
+        )
+        store_frozen_in_half(base, trainables, HALF_DTYPES[config.mixed_precision], keep_vae)
+    if config.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    if config.xformers:
+        base.unet.enable_xformers_memory_efficient_attention()
+    if config.tf32:  # process-wide: every CUDA matmul and convolution of this run
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        logger.warning("tf32: true: CUDA matmuls and convolutions run in TF32 (about 1e-3 relative error)")
+    if config.torch_compile:  # in place: the module, its parameters and state-dict keys stay what they are
+        base.unet.compile()
 
 
 def store_frozen_in_half(base: BaseModel, trainables: Trainables, dtype: torch.dtype, keep_vae_float32: bool) -> None:

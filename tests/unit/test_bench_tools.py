@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
+import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -54,11 +55,10 @@ def test_quality_bench_table_adds_a_mean_row_per_seeded_method():
     assert unseeded[0].startswith("| concept | method | steps |") and len(unseeded) == 3
 
 
-def test_bench_train_reads_the_steady_step_time_from_the_trainers_scalars(tmp_path, monkeypatch):
+def test_bench_train_reads_the_steady_step_time_from_the_trainers_scalars(tmp_path):
+    from reference_loop import trainer_timing
     from torch.utils.tensorboard import SummaryWriter
 
-    monkeypatch.setattr(sys, "argv", ["bench_train.py"])
-    bench = _tool("bench_train")
     # the trainer logs steps done / seconds since the loop started: 2 s for step 1, then 0.5 s per step
     writer = SummaryWriter(str(tmp_path))
     for step in range(1, 11):
@@ -66,6 +66,28 @@ def test_bench_train_reads_the_steady_step_time_from_the_trainers_scalars(tmp_pa
         writer.add_scalar("speed/steps_per_second", step / elapsed, step)
         writer.add_scalar("memory/peak_cuda_allocated_mib", 100.0 * step, step)
     writer.close()
-    per_step, peak = bench.step_seconds(tmp_path, warmup=3)
+    per_step, first_wall, peak = trainer_timing(tmp_path, warmup=3)
     assert per_step == pytest.approx(0.5, rel=1e-5)
-    assert peak == 1000.0
+    assert peak == 1000.0 and first_wall > 0
+
+
+def test_the_reference_benchmark_sees_a_deliberately_slowed_step(tmp_path, monkeypatch):
+    """sdtune and the reference loop on the tiny model; then sdtune with 150 ms slept in every step: the benchmark
+    must report that step as 150 ms slower and the ratio to the reference as higher by that much."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    bench = _tool("bench_train")
+    argv = ["--reference", "--preset", "tiny", "--resolution", "32", "--steps", "9", "--warmup", "3"]
+    argv += ["--repeats", "1", "--methods", "lora", "--rank", "2", "--json", str(tmp_path / "r.json")]
+    (plain,) = bench.main(argv)
+    (slowed,) = bench.main([*argv, "--slow-ms", "150"])
+    assert "error" not in plain and "error" not in slowed, (plain, slowed)
+    added = slowed["sdtune_seconds_per_step"] - plain["sdtune_seconds_per_step"]
+    assert added == pytest.approx(0.150, abs=0.06)
+    reference = slowed["reference_seconds_per_step"]
+    assert slowed["ratio_seconds_per_step"] - plain["ratio_seconds_per_step"] == pytest.approx(
+        0.150 / reference, rel=0.6
+    )
+    assert json.loads((tmp_path / "r.json").read_text())["results"][0]["method"] == "lora"
+    for row in (plain, slowed):
+        assert row["sdtune_peak_mib"] > 100 and row["reference_peak_mib"] > 100
+        assert row["sdtune_first_step_seconds"] > row["sdtune_seconds_per_step"]

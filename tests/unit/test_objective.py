@@ -74,7 +74,7 @@ def test_a_nan_loss_stops_after_saving_the_last_good_state(lora_dict, tmp_path, 
         calls["n"] += 1
         if calls["n"] == 3:
             kept.update({f"unet.{i}": p.detach().clone() for i, p in enumerate(run_.trainables.unet)})
-            return torch.tensor(float("nan"))
+            return real_loss(batch, run_, captions) * float("nan")  # in the graph, as a diverged loss is
         return real_loss(batch, run_, captions)
 
     monkeypatch.setattr(train, "_loss", loss_that_breaks)
@@ -86,6 +86,8 @@ def test_a_nan_loss_stops_after_saving_the_last_good_state(lora_dict, tmp_path, 
     (folder,) = state.list_states(out)
     saved = load_file(str(folder / "trainable.safetensors"))
     assert all(torch.equal(saved[key], kept[key]) for key in kept)
+    assert all(torch.equal(p.detach(), kept[f"unet.{i}"]) for i, p in enumerate(run.trainables.unet))
+    assert all(p.grad is None for p in run.trainables.unet)  # the NaN gradients of its backward pass are dropped
 
 
 def test_optional_optimizers_need_their_package(lora_dict):
