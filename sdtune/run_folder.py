@@ -238,7 +238,10 @@ def _remove_stale_temporaries(folder: Path) -> None:
             match = _TEMPORARY.fullmatch(path.name)
             if match and int(match.group(2)) != os.getpid():
                 logger.warning("removing %s, left by an interrupted write", path)
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
 
 
 def resumed_run_id(config: TrainConfig) -> str | None:

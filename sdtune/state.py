@@ -189,7 +189,13 @@ def damage(path: Path) -> str | None:
         missing = [
             name for name in ("state.json", "trainable.safetensors", "optimizer.pt") if not (path / name).is_file()
         ]
-        return f"{', '.join(missing)} missing" if missing else None
+        if missing:
+            return f"{', '.join(missing)} missing"
+        try:  # no manifest to check it against: at least it must read
+            json.loads((path / "state.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return "state.json is damaged"
+        return None
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):

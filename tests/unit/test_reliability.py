@@ -461,5 +461,10 @@ def test_state_folders_list_and_load_with_legacy_digests(tmp_path):
     (path / "state.json").write_text(json.dumps(meta))
     (path / state.MANIFEST).unlink()  # legacy states have no manifest
     assert state.damage(path) is None
+    (path / "broken").mkdir()
+    (path / "broken" / "state.json").write_text("{", encoding="utf-8")
+    for name in ("trainable.safetensors", "optimizer.pt"):
+        (path / "broken" / name).write_bytes(b"x")
+    assert state.damage(path / "broken") == "state.json is damaged"  # refused by resume, not a traceback
     assert state.load_state(path, {"unet": [weight]}, optimizer, schedule, (current, legacy)).step == 1
     assert load_file(str(path / "trainable.safetensors"))["unet.0"].shape == (2,)
