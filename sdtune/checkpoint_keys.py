@@ -162,11 +162,19 @@ _OPEN_CLIP_LAYER_NAMES = {
 }
 
 
-def open_clip_text_to_ldm(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def open_clip_text_to_ldm(
+    state_dict: dict[str, torch.Tensor], prefix: str, unused_layers: int = 0
+) -> dict[str, torch.Tensor]:
     """Renames a transformers CLIP text model (with or without projection) to OpenCLIP's original-layout keys under
     `prefix` (e.g. `conditioner.embedders.1.model.`): q/k/v packed into `attn.in_proj_weight`/`_bias`, the position
     embedding as a bare tensor, `text_projection` transposed ([width, projection]). The inverse of diffusers'
-    `convert_open_clip_checkpoint`."""
+    `convert_open_clip_checkpoint`.
+
+    With `unused_layers` (SD2.x: 1), the layers the model does not run are added after its own, as kohya's
+    `convert_text_encoder_state_dict_to_sd_v2(make_dummy_weights=True)` adds them: copies of the last layer, plus an
+    identity `text_projection` when the model has none. OpenCLIP-H then has its 24 layers, which loaders of the whole
+    model (A1111, ComfyUI) expect; the UNet reads the penultimate layer, so the copies change no output, and
+    diffusers and kohya drop them on reading."""
     converted, packed = {}, {}
     for key, value in state_dict.items():
         key = key.removeprefix("text_model.")
@@ -189,13 +197,28 @@ def open_clip_text_to_ldm(state_dict: dict[str, torch.Tensor], prefix: str) -> d
             converted[f"{prefix}transformer.resblocks.{m[1]}.{rest}"] = value
     for (layer, kind), qkv in packed.items():
         converted[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([qkv[c] for c in "qkv"])
+    if unused_layers:
+        _add_unused_layers(converted, prefix, unused_layers)
     return converted
+
+
+def _add_unused_layers(converted: dict[str, torch.Tensor], prefix: str, count: int) -> None:
+    """Appends `count` copies of the last OpenCLIP layer (and an identity `text_projection` if there is none)."""
+    blocks = prefix + "transformer.resblocks."
+    last = max(int(key[len(blocks) :].partition(".")[0]) for key in converted if key.startswith(blocks))
+    for extra in range(1, count + 1):
+        for key in [key for key in converted if key.startswith(f"{blocks}{last}.")]:
+            converted[key.replace(f"{blocks}{last}.", f"{blocks}{last + extra}.", 1)] = converted[key].clone()
+    width = converted[prefix + "token_embedding.weight"].shape[1]
+    converted.setdefault(
+        prefix + "text_projection", torch.eye(width, dtype=converted[prefix + "token_embedding.weight"].dtype)
+    )
 
 
 def text_encoder_to_checkpoint(state_dict: dict[str, torch.Tensor], encoder: TextEncoder) -> dict[str, torch.Tensor]:
     """A text encoder's state dict under its family's original-layout names (`checkpoint_layout`, prefix)."""
     if encoder.checkpoint_layout == "open_clip":
-        return open_clip_text_to_ldm(state_dict, encoder.checkpoint_prefix)
+        return open_clip_text_to_ldm(state_dict, encoder.checkpoint_prefix, encoder.checkpoint_unused_layers)
     return text_encoder_to_ldm(state_dict, encoder.checkpoint_prefix)
 
 

@@ -13,7 +13,7 @@ from sdtune import compat, data, formats, inference, jobs, labeling, preflight, 
 from sdtune._version import __version__
 from sdtune.config import ConfigError, load_config
 from sdtune.errors import SdtuneError
-from sdtune.models import PRESETS, ModelError, load_base_model, read_base, write_base_model
+from sdtune.models import PREDICTION_TYPES, PRESETS, ModelError, load_base_model, read_base, write_base_model
 
 EXIT_BAD_INPUT = 2
 
@@ -184,7 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         loras.append((path, prompts.lora_weights(Path(path).stem, numbers, f"--lora {spec}")))
     _quiet_libraries()
     pipe = inference.AdapterPipeline.from_base(
-        args.base, sampler=args.sampler, device=args.device, config_dir=args.base_config
+        args.base, args.sampler, args.device, args.base_config, args.prediction_type
     )
     for path, (te, unet) in loras:
         jobs.report_warnings(pipe.add_lora(path, text_encoder_weight=te, unet_weight=unet, force=args.force))
@@ -199,7 +199,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_make_base(args: argparse.Namespace) -> int:
-    """`sdtune make-base DIR [--checkpoint FILE]`: write a random-weight base model (SD1.x or SDXL) offline."""
+    """`sdtune make-base DIR [--checkpoint FILE]`: write a random-weight base model (SD1.x, SD2.x or SDXL) offline."""
     _quiet_libraries()
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     write_base_model(args.folder, args.checkpoint, args.preset, args.seed, dtype, overwrite=args.overwrite)
@@ -229,11 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--base-config", help="for single-file bases with non-standard shapes: their config folder")
     sub.add_argument("--json", action="store_true", help="print the summary as JSON")
     sub.set_defaults(function=cmd_inspect)
-    sub = commands.add_parser("make-base", help="write a random-weight SD1.x or SDXL base model (offline)")
+    sub = commands.add_parser("make-base", help="write a random-weight SD1.x, SD2.x or SDXL base model (offline)")
     sub.add_argument("folder", nargs="?", help="diffusers folder to write")
     sub.add_argument("--checkpoint", help="also write a single-file .safetensors checkpoint (original layout)")
     sub.add_argument(
-        "--preset", choices=PRESETS, default="tiny", help="tiny, tiny-sdxl (a few M params); sd15, sdxl (real shapes)"
+        "--preset",
+        choices=PRESETS,
+        default="tiny",
+        help="tiny, tiny-sd2, tiny-sd2-v, tiny-sdxl (a few M params); sd15, sd2, sd2-768v, sdxl (real shapes)",
     )
     sub.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     sub.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the checkpoint file")
@@ -274,6 +277,11 @@ def _add_label_arguments(sub: argparse.ArgumentParser) -> None:
 def _add_generate_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--base", required=True, help="base model: diffusers folder or single-file checkpoint")
     sub.add_argument("--base-config", help="for single-file bases with non-standard shapes: their config folder")
+    sub.add_argument(
+        "--prediction-type",
+        choices=PREDICTION_TYPES,
+        help="what the base predicts, when its file does not say (SD2.x single files: 768-v predicts v_prediction)",
+    )
     sub.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); <lora:NAME:W> tags work")
     sub.add_argument("--prompts-file", action="append", default=[], help="text file, one prompt per line")
     sub.add_argument("--jobs", action="append", default=[], help="YAML or JSONL job file (per-job settings)")

@@ -106,7 +106,8 @@ def check_fit(artifact: formats.Artifact, base: BaseModel, base_tokenizer_finger
     """Checks a read artifact (`formats.read_artifact`) against a loaded base model.
 
     Checks the family, every LoRA key and shape against the base's modules, embedding widths, and the `sdtune.*`
-    record: text widths (blocking), base checkpoint sha256 and tokenizer fingerprint (other base). Pass
+    record: text widths (blocking), base checkpoint sha256, prediction type (also from other tools' headers) and
+    tokenizer fingerprint (other base). Pass
     `base_tokenizer_fingerprint` when embeddings may already have added tokens to the base's tokenizers.
     """
     report = FitReport(blocking=_blocking_problems(artifact, base))
@@ -118,6 +119,12 @@ def check_fit(artifact: formats.Artifact, base: BaseModel, base_tokenizer_finger
         report.other_base.append(
             f"trained on {record.get('sdtune.base_model_name', '?')} (sha256 {recorded_sha[:10]}), "
             f"this base is {base.name} (sha256 {base_model_sha256(base.source)[:10]})"
+        )
+    prediction, key = formats.recorded_prediction_type(artifact.metadata)
+    if prediction and prediction != base.prediction_type:
+        report.other_base.append(
+            f"made on a model predicting {prediction} ({key}), this base predicts {base.prediction_type} "
+            "(SD2.x: a 768-v file on a 512-base model or the reverse)"
         )
     fingerprint = record.get("sdtune.tokenizer_fingerprint")
     current = base_tokenizer_fingerprint or tokenizer_fingerprint(*base.tokenizers.values())

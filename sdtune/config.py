@@ -197,8 +197,10 @@ class TrainConfig:
     )
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = _field(
         None,
-        "Force what the UNet predicts (kohya `v_parameterization: true` = `v_prediction`); default: the base's "
-        "scheduler config. For SD2.x 768-v single files whose config says otherwise.",
+        "What the UNet predicts (kohya `v_parameterization: true` = `v_prediction`); default: what the base says "
+        "(a folder's scheduler config; for a single file a `<checkpoint>.yaml` beside it, its `v_pred` marker, "
+        "else its family's published model; SD2.x files that say nothing are probed, with a warning). Set it for "
+        "SD2.x 768-v single files (`v_prediction`) or 512-base ones (`epsilon`) to skip the probe.",
         "model",
     )
     # --- data

@@ -18,15 +18,20 @@ from sdtune import atomic, formats
 from sdtune.config import TrainConfig
 from sdtune.families import Family
 
+STABILITY_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
 
 def modelspec_metadata(
     family: Family, adapter: str, title: str, resolution: int, prediction_type: str
 ) -> dict[str, str]:
-    """Stability ModelSpec 1.0.1 keys for an adapter (`lora` or `textual-inversion`) of the given family."""
+    """Stability ModelSpec 1.0.1 keys for an adapter (`lora` or `textual-inversion`) of the given family.
+    (kohya's `sai_model_spec.determine_implementation` names Stability's repository for every embedding, the
+    family's implementation for LoRAs.)"""
+    textual_inversion = adapter == "textual-inversion"
     return {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{family.modelspec_arch(prediction_type)}/{adapter}",
-        "modelspec.implementation": family.modelspec_implementation,
+        "modelspec.implementation": STABILITY_IMPLEMENTATION if textual_inversion else family.modelspec_implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
@@ -155,14 +160,15 @@ def save_lora_diffusers(folder: Path, family: Family, components: dict[str, torc
     return folder
 
 
-def _objective_metadata(config) -> dict[str, str]:
-    """kohya's `ss_*` keys for the objective and precision settings ("None" where kohya writes it for unset)."""
+def _objective_metadata(config, prediction_type: str) -> dict[str, str]:
+    """kohya's `ss_*` keys for the objective and precision settings ("None" where kohya writes it for unset);
+    `prediction_type` is the base's, however it was decided (config, yaml, marker, probe)."""
     return {
         "ss_mixed_precision": config.mixed_precision,
         "ss_noise_offset": str(config.noise_offset) if config.noise_offset else "None",
         "ss_min_snr_gamma": str(config.min_snr_gamma) if config.min_snr_gamma else "None",
         "ss_prior_loss_weight": str(config.prior_loss_weight),
-        "ss_v_parameterization": str(config.prediction_type == "v_prediction"),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_clip_skip": str(config.clip_skip) if config.clip_skip > 1 else "None",
     }
 
@@ -212,7 +218,7 @@ def kohya_lora_metadata(config: TrainConfig, family: Family, record: dict[str, s
         "ss_training_started_at": str(run["started_at"]),
         "ss_training_comment": "trained with sdtune",
     }
-    metadata.update(_objective_metadata(config))
+    metadata.update(_objective_metadata(config, record["sdtune.prediction_type"]))
     metadata.update(_dataset_metadata(config, run["dataset"]))
     if "finished_at" in run:
         metadata["ss_training_finished_at"] = str(run["finished_at"])

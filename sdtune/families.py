@@ -71,6 +71,9 @@ class TextEncoder:
             CLIP-L) or `open_clip` (OpenCLIP's names with q/k/v packed in `in_proj_weight`: SD2.x's and SDXL's
             OpenCLIP encoders). A1111 runs OpenCLIP layers natively and patches their attention only when a LoRA
             holds all of q, k, v and out for a layer (FORMATS.md).
+        checkpoint_unused_layers: Layers its single files hold after the ones the model uses (SD2.x: OpenCLIP-H
+            has 24, the UNet reads the penultimate one, so diffusers and kohya load 23 and drop the last). sdtune
+            writes them as kohya does (a copy of the last used layer) so full-model loaders find the whole encoder.
         pooled: Whether its projected, pooled output (at the first end-of-text token) conditions the UNet (SDXL's
             second encoder).
     """
@@ -85,6 +88,7 @@ class TextEncoder:
     embedding_key: str
     checkpoint_prefix: str
     checkpoint_layout: Literal["clip", "open_clip"] = "clip"
+    checkpoint_unused_layers: int = 0
     pooled: bool = False
 
 
@@ -99,10 +103,13 @@ class Family:
             LDM/sgm block paths (SDXL), FORMATS.md rule 1.
         config_folder: Folder under `sdtune/base_configs/` with its published diffusers configs (single files load
             against them offline).
+        config_folder_v: The same for its v-prediction release, when that has the same weights' shapes (SD2.x
+            768-v: its single files often do not say which they are, see `models.prediction_type_of`).
         pipeline_class: The diffusers pipeline that runs it.
         modelspec_architecture: ModelSpec architecture stem of its adapters (`/lora`, `/textual-inversion` follow).
         modelspec_architecture_v: The same for v-prediction models, when it differs (SD2.x 768-v).
-        modelspec_implementation: ModelSpec implementation value.
+        modelspec_implementation: ModelSpec implementation value of its LoRAs (kohya's `sai_model_spec`: `diffusers`
+            for SD1.x/SD2.x, Stability's repository for SDXL; embeddings always name Stability's).
         kohya_base_model_version: What kohya writes as `ss_base_model_version`.
         kohya_base_model_version_v: The same for v-prediction models, when kohya writes another value.
         kohya_v2: What kohya writes as `ss_v2`.
@@ -122,6 +129,7 @@ class Family:
     modelspec_architecture: str
     modelspec_implementation: str
     kohya_base_model_version: str
+    config_folder_v: str | None = None
     modelspec_architecture_v: str | None = None
     kohya_base_model_version_v: str | None = None
     kohya_v2: bool = False
@@ -194,6 +202,43 @@ SD1 = Family(
     kohya_base_model_version="sd_v1",
 )
 
+SD2 = Family(
+    signature=Signature(
+        name="sd2",
+        title="Stable Diffusion 2.x",
+        checkpoint_keys=((LDM_UNET_KEYS, "cond_stage_model.model."),),
+        pipeline_class="StableDiffusionPipeline",
+        text_activation="gelu",
+        text_width=1024,
+        kohya_versions=("sd_v2",),
+    ),
+    text_encoders=(
+        TextEncoder(
+            component="text_encoder",
+            tokenizer="tokenizer",
+            model_class="CLIPTextModel",
+            pad_token="!",
+            hidden_layer=-1,  # the last of the 23 layers kept = OpenCLIP-H's penultimate, through the final LayerNorm
+            final_layer_norm=True,
+            kohya_prefix="lora_te_",
+            embedding_key="emb_params",
+            checkpoint_prefix="cond_stage_model.model.",
+            checkpoint_layout="open_clip",
+            checkpoint_unused_layers=1,
+        ),
+    ),
+    unet_key_style="diffusers",
+    config_folder="sd2",
+    config_folder_v="sd2_768v",
+    pipeline_class="StableDiffusionPipeline",
+    modelspec_architecture="stable-diffusion-v2-512",
+    modelspec_architecture_v="stable-diffusion-v2-768-v",
+    modelspec_implementation="diffusers",
+    kohya_base_model_version="sd_v2",
+    kohya_base_model_version_v="sd_v2_v",
+    kohya_v2=True,
+)
+
 SDXL = Family(
     signature=Signature(
         name="sdxl",
@@ -258,18 +303,10 @@ SIGNATURES = (
     ),
     SDXL.signature,
     Signature("sdxl_refiner", "SDXL refiner", checkpoint_keys=(("conditioner.embedders.0.model.",),)),
-    Signature(
-        "sd2",
-        "Stable Diffusion 2.x",
-        checkpoint_keys=((LDM_UNET_KEYS, "cond_stage_model.model."),),
-        pipeline_class="StableDiffusionPipeline",
-        text_activation="gelu",
-        text_width=1024,
-        kohya_versions=("sd_v2",),
-    ),
+    SD2.signature,
     SD1.signature,
 )
-FAMILIES = {family.name: family for family in (SD1, SDXL)}
+FAMILIES = {family.name: family for family in (SD1, SD2, SDXL)}
 KOHYA_UNET_PREFIX = "lora_unet_"
 
 
@@ -355,18 +392,26 @@ def config_files(family: Family) -> dict[str, str]:
     return {**CONFIG_FILES, **{encoder.component: "config.json" for encoder in family.text_encoders}}
 
 
-def shipped_configs(family: Family) -> dict:
-    """The published diffusers configs of a family, as shipped in `sdtune/base_configs/<config_folder>/`:
-    `model_index` plus one config per component."""
-    root = resources.files("sdtune") / "base_configs" / family.config_folder
+def config_folder(family: Family, prediction_type: str = "epsilon") -> str:
+    """The folder under `sdtune/base_configs/` with the published configs of the family's release that predicts
+    `prediction_type` (its only one, when it has no separate v-prediction release)."""
+    if prediction_type == "v_prediction" and family.config_folder_v:
+        return family.config_folder_v
+    return family.config_folder
+
+
+def shipped_configs(family: Family, prediction_type: str = "epsilon") -> dict:
+    """The published diffusers configs of a family (of its release that predicts `prediction_type`), as shipped in
+    `sdtune/base_configs/`: `model_index` plus one config per component."""
+    root = resources.files("sdtune") / "base_configs" / config_folder(family, prediction_type)
     configs = {"model_index": json.loads((root / "model_index.json").read_text(encoding="utf-8"))}
     for component, file_name in config_files(family).items():
         configs[component] = json.loads((root / component / file_name).read_text(encoding="utf-8"))
     return configs
 
 
-def native_resolution(family: Family) -> int:
+def native_resolution(family: Family, prediction_type: str = "epsilon") -> int:
     """The family's native image side in pixels, from its published configs: the UNet's sample size times the VAE's
-    downsampling (SD1.x 64 x 8 = 512, SDXL 128 x 8 = 1024)."""
-    configs = shipped_configs(family)
+    downsampling (SD1.x 64 x 8 = 512, SD2.x 512-base 512 and 768-v 96 x 8 = 768, SDXL 128 x 8 = 1024)."""
+    configs = shipped_configs(family, prediction_type)
     return configs["unet"]["sample_size"] * 2 ** (len(configs["vae"]["block_out_channels"]) - 1)

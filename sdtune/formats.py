@@ -227,9 +227,9 @@ def parse_peft_lora(tensors: dict[str, torch.Tensor], path: Path, family: Family
 
 
 def open_clip_attention_problems(family: Family, modules, key_map: dict) -> list[str]:
-    """Layers of an OpenCLIP text encoder (`checkpoint_layout: open_clip`, SDXL's second) whose attention holds a
-    LoRA on some of q, k, v and out but not all: A1111 runs OpenCLIP natively and applies such a layer's attention
-    LoRA only when all four are there (networks.py), so a subset would silently do nothing in it."""
+    """Layers of an OpenCLIP text encoder (`checkpoint_layout: open_clip`: SD2.x's, SDXL's second) whose attention
+    holds a LoRA on some of q, k, v and out but not all: A1111 runs OpenCLIP natively and applies such a layer's
+    attention LoRA only when all four are there (networks.py), so a subset would silently do nothing in it."""
     open_clip = {encoder.component for encoder in family.text_encoders if encoder.checkpoint_layout == "open_clip"}
     found: dict[tuple[str, int], set[str]] = {}
     for key in modules:
@@ -267,6 +267,26 @@ def lora_fit_problems(modules: dict[str, LoraModule], key_map: dict[str, tuple[s
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading any artifact: what a file is, and which family it fits
+
+
+def recorded_prediction_type(metadata: dict[str, str] | None) -> tuple[str | None, str]:
+    """(`epsilon` or `v_prediction`, the header key that says it) of the base model a file was made on, or
+    (None, "") when its header does not say: sdtune's record, ModelSpec, kohya's `ss_v_parameterization` or its
+    `ss_base_model_version` (`sd_v2_v`)."""
+    metadata = metadata or {}
+    spec = {"v": "v_prediction", "epsilon": "epsilon"}.get(metadata.get("modelspec.prediction_type", ""))
+    kohya = {"True": "v_prediction", "False": "epsilon"}.get(metadata.get("ss_v_parameterization", ""))
+    version = metadata.get("ss_base_model_version", "")
+    named = "v_prediction" if version.startswith("sd_v") and version.endswith("_v") else None
+    for key, value in (
+        ("sdtune.prediction_type", metadata.get("sdtune.prediction_type")),
+        ("modelspec.prediction_type", spec),
+        ("ss_v_parameterization", kohya),
+        ("ss_base_model_version", named),
+    ):
+        if value:
+            return value, key
+    return None, ""
 
 
 def read_record(metadata: dict[str, str] | None) -> dict[str, str]:
@@ -439,6 +459,9 @@ def describe(artifact: Artifact) -> str:
     lines = [f"{artifact.path}", f"  kind: {artifact.kind} ({artifact.layout} layout), family: "
              f"{families.title(artifact.family)}"]  # fmt: skip
     lines.append(f"  dtype: {', '.join(sorted(artifact.dtypes))}")
+    prediction, key = recorded_prediction_type(artifact.metadata)
+    if prediction:
+        lines.append(f"  made on a model predicting: {prediction} ({key})")
     for name, group in lora_groups(artifact.lora_modules).items():
         ranks = ", ".join(map(str, sorted(group["ranks"])))
         alphas = ", ".join(f"{a:g}" for a in sorted(group["alphas"]))
@@ -471,6 +494,7 @@ def summary_dict(artifact: Artifact) -> dict:
         "layout": artifact.layout,
         "family": artifact.family,
         "dtypes": sorted(artifact.dtypes),
+        "prediction_type": recorded_prediction_type(artifact.metadata)[0],
         "lora_groups": groups,
         "vectors": {k: list(v.shape) for k, v in artifact.vectors.items()},
         "metadata": artifact.metadata,

@@ -318,9 +318,17 @@ class AdapterPipeline:
         self._fused = False
 
     @classmethod
-    def from_base(cls, path: str | Path, sampler: str = "dpmpp_2m", device: str | None = None, config_dir=None):
-        """Loads a base model (diffusers folder or single-file checkpoint) and wraps it."""
-        return cls(load_base_model(path, config_dir), sampler=sampler, device=device)
+    def from_base(
+        cls,
+        path: str | Path,
+        sampler: str = "dpmpp_2m",
+        device: str | None = None,
+        config_dir=None,
+        prediction_type: str | None = None,
+    ):
+        """Loads a base model (diffusers folder or single-file checkpoint; `config_dir` and `prediction_type` as
+        `models.load_base_model` takes them) and wraps it."""
+        return cls(load_base_model(path, config_dir, prediction_type), sampler=sampler, device=device)
 
     # -- adding, re-weighting, removing ------------------------------------------------------------------------
     def add_lora(

@@ -274,11 +274,15 @@ def write_jobs(path: Path, jobs: list[Job]) -> Path:
     return atomic.write_text(path, yaml.safe_dump(entries, sort_keys=False, allow_unicode=True))
 
 
-def generate_command(base, job_file: Path, embeddings=(), loras=(), batch_size: int = 1, base_config=None) -> str:
-    """The `sdtune generate` command line that runs `job_file` on `base` (read with the `base_config` folder when
-    given) with `embeddings` ((file, token) pairs) and `loras` (files, at weight 1) loaded."""
+def generate_command(
+    base, job_file: Path, embeddings=(), loras=(), batch_size: int = 1, base_config=None, prediction_type=None
+) -> str:
+    """The `sdtune generate` command line that runs `job_file` on `base` (read with the `base_config` folder and as
+    predicting `prediction_type` when given) with `embeddings` ((file, token) pairs) and `loras` (files, at weight 1)
+    loaded."""
     words = ["sdtune", "generate", "--base", str(base), "--jobs", str(job_file), "--batch-size", str(batch_size)]
     words += ["--base-config", str(base_config)] if base_config else []
+    words += ["--prediction-type", prediction_type] if prediction_type else []
     for path, token in embeddings:
         words += ["--embedding", f"{path}:{token}"]
     for path in loras:

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import inspect
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -26,12 +27,14 @@ from safetensors.torch import save_file
 from sdtune import atomic, checkpoint_keys, families
 from sdtune.config import ConfigError
 from sdtune.errors import SdtuneError
-from sdtune.families import Family
+from sdtune.families import LDM_UNET_KEYS, Family
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 EMBEDDED_CONFIG_KEY = "sdtune.diffusers_config"
 MADE_BY_KEY = "_sdtune_make_base"  # model_index.json / checkpoint header: the preset of a `make-base` model
 _TOKENIZER_FILES = ("vocab.json", "merges.txt")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+logger = logging.getLogger(__name__)
 
 
 class ModelError(SdtuneError):
@@ -375,14 +378,18 @@ def detect_family(path: str | os.PathLike) -> str:
 # Loading
 
 
-def load_base_model(path: str | os.PathLike, config_dir: str | os.PathLike | None = None) -> BaseModel:
+def load_base_model(
+    path: str | os.PathLike, config_dir: str | os.PathLike | None = None, prediction_type: str | None = None
+) -> BaseModel:
     """Loads an SD base model from a diffusers folder or a single-file checkpoint, fully offline, in float32.
 
     Args:
         path: A diffusers folder (with `model_index.json`) or a `.safetensors` / `.ckpt` checkpoint in the original
             layout.
         config_dir: For single files only: a diffusers folder whose configs describe the checkpoint. Default: the
-            config sdtune recorded in its own checkpoints, else the standard config sdtune ships for the family.
+            config sdtune recorded in its own checkpoints, else the standard config sdtune ships for the family (for
+            SD2.x: of the 512-base or the 768-v release, as `prediction_type_of` decides).
+        prediction_type: `epsilon` or `v_prediction`, overriding what the model says (see `prediction_type_of`).
 
     Returns:
         The components in float32 on the CPU, in eval mode, with gradients disabled.
@@ -395,14 +402,19 @@ def load_base_model(path: str | os.PathLike, config_dir: str | os.PathLike | Non
         raise ModelError(f"base_model: {path} does not exist.")
     if path.is_dir():
         family = require_supported(detect_family_from_folder(path), path)
+        predicts = prediction_type_of(path, prediction_type)
         components = _load_folder_components(path, family)
+        schedule = {}
     else:
         shapes, metadata = read_checkpoint_header(path)
         family = require_supported(detect_family_from_keys(shapes, path), path)
-        folder = Path(config_dir) if config_dir else _config_dir_for(metadata, family)
+        predicts = prediction_type_of(path, prediction_type, config_dir)
+        folder = Path(config_dir) if config_dir else _config_dir_for(metadata, family, predicts)
         _check_config_matches(shapes, folder, path, family)
         components = _load_single_file_components(path, folder, family)
-        components["scheduler_config"] = with_schedule(components["scheduler_config"], _marked_schedule(shapes))
+        schedule = _marked_schedule(shapes)
+    schedule["prediction_type"] = predicts
+    components["scheduler_config"] = with_schedule(components["scheduler_config"], schedule)
     for module in (*components["text_encoders"].values(), components["unet"], components["vae"]):
         module.requires_grad_(False)
         module.eval()
@@ -477,12 +489,156 @@ def _marked_schedule(keys) -> dict:
     return {name: value for key, setting in SCHEDULE_MARKERS.items() if key in keys for name, value in setting.items()}
 
 
-def _config_dir_for(metadata: dict[str, str], family: Family) -> Path:
-    """A diffusers config folder (configs and tokenizers, no weights) for a single-file checkpoint, in the cache."""
+# ---------------------------------------------------------------------------------------------------------------
+# What the model predicts: said by the model (or what comes with it), overridden by the user, else probed
+
+
+def prediction_type_of(
+    path: str | os.PathLike, requested: str | None = None, config_dir: str | os.PathLike | None = None
+) -> str:
+    """Whether the base model at `path` predicts the noise (`epsilon`) or v (`v_prediction`).
+
+    In order: `requested` (the config's `prediction_type`, generate's `--prediction-type`), else what the model
+    says: a diffusers folder's scheduler config; for a single file, a `<checkpoint>.yaml` beside it (A1111's and
+    Forge's convention: `model.params.parameterization: v`), its `v_pred` marker, the scheduler config of
+    `config_dir` or the one sdtune recorded in its header. A file that says nothing is taken as its family's
+    published model (epsilon) unless the family has a v-prediction release of the same shapes (SD2.x 768-v): then
+    the UNet is probed as A1111 probes it (`probe_prediction_type`), with a warning that names the result and the
+    ways to state it. A `requested` value that contradicts what the model says is used with a warning.
+
+    Raises:
+        ModelError: An unreadable yaml beside the file, or one stating a parameterization sdtune does not train.
+    """
+    path = Path(path)
+    if requested:
+        try:
+            stated, source = _stated_prediction_type(path, config_dir)
+        except ModelError as error:  # the user's setting decides; what it passes over is still said
+            _warn_once(f"prediction_type: {requested} is used; {error}")
+            stated, source = None, ""
+        if stated and stated != requested:
+            _warn_once(f"prediction_type: {requested} overrides {source}, which says {stated}")
+        return requested
+    stated, source = _stated_prediction_type(path, config_dir)
+    if stated:
+        return stated
+    shapes, _ = read_checkpoint_header(path)
+    family = require_supported(detect_family_from_keys(shapes, path), path)
+    if not family.config_folder_v:
+        return families.shipped_configs(family)["scheduler"]["prediction_type"]
+    return _probed_prediction_type(path, family, config_dir)
+
+
+def _stated_prediction_type(path: Path, config_dir) -> tuple[str | None, str]:
+    """(what the model or the files that come with it say it predicts, where that is said); (None, "") if nothing."""
+    if path.is_dir():
+        scheduler_file = path / "scheduler" / "scheduler_config.json"
+        scheduler = json.loads(scheduler_file.read_text(encoding="utf-8")) if scheduler_file.is_file() else {}
+        return scheduler.get("prediction_type", "epsilon"), str(scheduler_file)
+    beside = path.with_suffix(".yaml")
+    if beside.is_file():
+        return _yaml_prediction_type(beside), str(beside)
+    shapes, metadata = read_checkpoint_header(path)
+    if "v_pred" in shapes:
+        return "v_prediction", f"the v_pred marker in {path.name}"
+    if config_dir:
+        scheduler_file = Path(config_dir) / "scheduler" / "scheduler_config.json"
+        scheduler = json.loads(scheduler_file.read_text(encoding="utf-8")) if scheduler_file.is_file() else {}
+        if scheduler.get("prediction_type"):
+            return scheduler["prediction_type"], str(scheduler_file)
+    if EMBEDDED_CONFIG_KEY in metadata:
+        scheduler = json.loads(metadata[EMBEDDED_CONFIG_KEY]).get("scheduler", {})
+        if scheduler.get("prediction_type"):
+            return scheduler["prediction_type"], f"the config recorded in {path.name}"
+    return None, ""
+
+
+def _yaml_prediction_type(path: Path) -> str:
+    """The prediction type an LDM model yaml states: `model.params.parameterization` `v`, else epsilon (LDM's
+    default, as in SD2's `v2-inference.yaml`)."""
+    import yaml
+
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        value = (document.get("model") or {}).get("params", {}).get("parameterization", "eps")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as error:
+        raise ModelError(
+            f"{path}: could not be read as the model's yaml ({type(error).__name__}); sdtune reads "
+            "model.params.parameterization from it. Fix or remove it, or set prediction_type in the config."
+        ) from error
+    if value not in ("v", "eps"):
+        raise ModelError(
+            f"{path}: model.params.parameterization is {value!r}; sdtune trains eps (epsilon) and v (v_prediction) "
+            "models. Fix the yaml, or set prediction_type in the config."
+        )
+    return "v_prediction" if value == "v" else "epsilon"
+
+
+_PROBED: dict[tuple, str] = {}  # (file, size, mtime) -> the probe's answer: one probe per file and process
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Logs a warning once per process (preflight and loading both decide the prediction type)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
+
+
+def _probed_prediction_type(path: Path, family: Family, config_dir) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _PROBED:
+        shapes, metadata = read_checkpoint_header(path)
+        folder = Path(config_dir) if config_dir else _config_dir_for(metadata, family)
+        unet_config = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        _PROBED[key] = probe_prediction_type(_single_file_unet(path, unet_config))
+        release = "768-v" if _PROBED[key] == "v_prediction" else "512-base"
+        logger.warning(
+            "base_model: %s does not say whether it predicts epsilon or v (no %s beside it, no v_pred marker); "
+            "probing its UNet as A1111 does, it is taken as %s (the %s release's config). If that is wrong, set "
+            "prediction_type: %s in the config (--prediction-type for sdtune generate), or put the model's yaml "
+            "beside the file.",
+            path, path.with_suffix(".yaml").name, _PROBED[key], release,
+            "epsilon" if _PROBED[key] == "v_prediction" else "v_prediction",
+        )  # fmt: skip
+    return _PROBED[key]
+
+
+def _single_file_unet(path: Path, unet_config: dict) -> torch.nn.Module:
+    """The UNet of an original-layout single file, alone (float32, CPU)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(LDM_UNET_KEYS)}  # noqa: SIM118
+    else:
+        tensors = {k: v for k, v in load_legacy_checkpoint(path).items() if k.startswith(LDM_UNET_KEYS)}
+    unet = UNet2DConditionModel.from_config(unet_config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(tensors, unet_config))
+    return unet.float().eval()
+
+
+def probe_prediction_type(unet: torch.nn.Module) -> str:
+    """What a UNet predicts, judged from one step as A1111 judges SD2.x files (`is_using_v_parameterization_for_sd2`
+    in modules/sd_models_config.py): at t = 999 the noisy latent is nearly pure noise, so an epsilon model returns
+    about its input, while a v model returns about minus the clean image. Input and context are all 0.5; the model
+    is taken as v when its output minus the input averages below -1."""
+    width = unet.config.cross_attention_dim
+    latents = torch.full((1, unet.config.in_channels, 8, 8), 0.5)
+    with torch.no_grad():
+        output = unet(latents, torch.tensor([999]), torch.full((1, 2, width), 0.5)).sample
+    return "v_prediction" if (output - latents).mean().item() < -1 else "epsilon"
+
+
+def _config_dir_for(metadata: dict[str, str], family: Family, prediction_type: str = "epsilon") -> Path:
+    """A diffusers config folder (configs and tokenizers, no weights) for a single-file checkpoint, in the cache:
+    the configs sdtune recorded in the file, else the family's published ones for that prediction type."""
     if EMBEDDED_CONFIG_KEY in metadata:
         configs = json.loads(metadata[EMBEDDED_CONFIG_KEY])
     else:
-        configs = families.shipped_configs(family)
+        configs = families.shipped_configs(family, prediction_type)
     digest = hashlib.sha256(json.dumps(configs, sort_keys=True).encode("utf-8")).hexdigest()[:16]
     folder = cache_dir() / "configs" / f"{family.name}-{digest}"
     if not (folder / "model_index.json").is_file():
@@ -500,26 +656,33 @@ def _write_config_folder(folder: Path, configs: dict, family: Family) -> None:
             build_clip_tokenizer(spec.pad_token).save_pretrained(staging / spec.tokenizer)
 
 
-def _text_encoder_layers(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
-    layers = {m.group(1) for key in shapes if (m := re.match(r"encoder\.layers\.(\d+)\.", key.removeprefix(prefix)))}
-    return len(layers)
+_LAYER_NAMES = {"clip": ("encoder.layers.", "embeddings.token_embedding.weight"),
+                "open_clip": ("transformer.resblocks.", "token_embedding.weight")}  # fmt: skip
+
+
+def _text_encoder_shape(shapes: dict[str, tuple[int, ...]], text: families.TextEncoder) -> tuple[int | None, int]:
+    """(width, layers the model uses) of a text encoder in a single file, in its family's layout."""
+    layer_prefix, embedding = _LAYER_NAMES[text.checkpoint_layout]
+    pattern = re.compile(re.escape(text.checkpoint_prefix + layer_prefix) + r"(\d+)\.")
+    layers = {m.group(1) for key in shapes if (m := pattern.match(key))}
+    width = shapes.get(text.checkpoint_prefix + embedding, (None, None))[1]
+    return width, len(layers) - text.checkpoint_unused_layers if layers else 0
 
 
 def _check_config_matches(shapes: dict[str, tuple[int, ...]], folder: Path, path: Path, family: Family) -> None:
     """Compares a checkpoint's widths with its config, so a mismatch gets a clear message instead of a shape error.
-    (The first text encoder is compared: its layout is CLIP's in every family's single files.)"""
+    (The first text encoder is compared.)"""
     text = family.text_encoders[0]
     unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
     text_config = json.loads((folder / text.component / "config.json").read_text(encoding="utf-8"))
+    text_width, text_layers = _text_encoder_shape(shapes, text)
     found = {
         "UNet width": shapes.get(checkpoint_keys.UNET_PREFIX + "input_blocks.0.0.weight", (None,))[0],
         "cross-attention width": next(
             (shape[1] for key, shape in shapes.items() if key.endswith("attn2.to_k.weight")), None
         ),
-        "text encoder width": shapes.get(text.checkpoint_prefix + "embeddings.token_embedding.weight", (None, None))[
-            1
-        ],
-        "text encoder layers": _text_encoder_layers(shapes, text.checkpoint_prefix),
+        "text encoder width": text_width,
+        "text encoder layers": text_layers,
     }
     expected = {
         "UNet width": unet["block_out_channels"][0],
@@ -576,12 +739,11 @@ def load_for_training(config) -> BaseModel:
     Raises:
         ConfigError: Zero terminal SNR on an epsilon model (it cannot denoise pure noise at the last step).
     """
-    base = load_base_model(config.base_model, config.base_model_config)
+    base = load_base_model(config.base_model, config.base_model_config, config.prediction_type)
     if config.vae:
         base.vae = load_vae(config.vae, base.vae, base.family)
-    schedule = {"prediction_type": config.prediction_type} if config.prediction_type else {}
-    schedule |= {"rescale_betas_zero_snr": True} if config.zero_terminal_snr else {}
-    base.scheduler_config = with_schedule(base.scheduler_config, schedule)
+    if config.zero_terminal_snr:
+        base.scheduler_config = with_schedule(base.scheduler_config, {"rescale_betas_zero_snr": True})
     if base.scheduler_config.get("rescale_betas_zero_snr") and base.prediction_type != "v_prediction":
         raise ConfigError(
             ["zero_terminal_snr: the last timestep is then pure noise, which an epsilon-prediction model cannot "
@@ -728,21 +890,34 @@ TINY_SDXL_CONFIGS = {
         "pad_token_id": 0,
     },
 }
-PRESETS = {  # preset -> (family whose published configs it starts from, the configs it replaces)
-    "tiny": (families.SD1, TINY_CONFIGS),
-    "sd15": (families.SD1, {}),
-    "tiny-sdxl": (families.SDXL, TINY_SDXL_CONFIGS),
-    "sdxl": (families.SDXL, {}),
+# SD2.x's shape in small: OpenCLIP's `gelu` text encoder padding with "!" (48 wide, so SD1's tiny files cannot fit),
+# linear projections in the transformer blocks.
+TINY_SD2_CONFIGS = {
+    "unet": {**TINY_CONFIGS["unet"], "cross_attention_dim": 48, "use_linear_projection": True},
+    "vae": TINY_CONFIGS["vae"],
+    "text_encoder": {**TINY_CONFIGS["text_encoder"], "hidden_size": 48, "hidden_act": "gelu", "pad_token_id": 0},
+}
+# preset -> (family whose published configs it starts from, the prediction type of that release, configs replaced)
+PRESETS = {
+    "tiny": (families.SD1, "epsilon", TINY_CONFIGS),
+    "sd15": (families.SD1, "epsilon", {}),
+    "tiny-sd2": (families.SD2, "epsilon", TINY_SD2_CONFIGS),
+    "tiny-sd2-v": (families.SD2, "v_prediction", TINY_SD2_CONFIGS),
+    "sd2": (families.SD2, "epsilon", {}),
+    "sd2-768v": (families.SD2, "v_prediction", {}),
+    "tiny-sdxl": (families.SDXL, "epsilon", TINY_SDXL_CONFIGS),
+    "sdxl": (families.SDXL, "epsilon", {}),
 }
 
 
 def preset_configs(preset: str) -> dict:
-    """The component configs of a base-model preset: `tiny` (about 2 M parameters) or `sd15` (SD1.5's shapes),
+    """The component configs of a base-model preset: `tiny` (about 2 M parameters) or `sd15` (SD1.5's shapes);
+    `tiny-sd2`, `tiny-sd2-v` or `sd2`, `sd2-768v` (SD2.1 512-base's / 768-v's shapes, 1.3 B parameters);
     `tiny-sdxl` or `sdxl` (SDXL 1.0 base's shapes, 3.5 B parameters)."""
     if preset not in PRESETS:
         raise ModelError(f"preset {preset!r} is not one of {', '.join(PRESETS)}.")
-    family, replaced = PRESETS[preset]
-    return {**families.shipped_configs(family), **copy.deepcopy(replaced)}
+    family, prediction_type, replaced = PRESETS[preset]
+    return {**families.shipped_configs(family, prediction_type), **copy.deepcopy(replaced)}
 
 
 def build_components(preset: str = "tiny", seed: int = 0) -> dict:
@@ -781,7 +956,7 @@ def write_base_model(
     Args:
         folder: Where to write the diffusers folder (None: do not write one).
         checkpoint: Where to write the original-layout `.safetensors` checkpoint (None: do not write one).
-        preset: `tiny` or `sd15` (see `preset_configs`).
+        preset: One of `PRESETS` (see `preset_configs`).
         seed: Seed for the random weights; equal seeds give equal files.
         dtype: Dtype of the weights in the checkpoint file.
         overwrite: Replace a folder or file that an earlier `write_base_model` wrote (nothing else is replaced).
@@ -794,8 +969,11 @@ def write_base_model(
         raise ModelError(" ".join(problems))
     components = build_components(preset, seed)
     components["configs"]["model_index"][MADE_BY_KEY] = preset  # marks the folder as one --overwrite may replace
-    # A checkpoint with published shapes loads with the shipped config, like any real one; others carry theirs.
-    save_base_model(components, folder, checkpoint, dtype, bool(PRESETS[preset][1]), {MADE_BY_KEY: preset})
+    # A checkpoint with published shapes loads with the shipped config, like any real one; others carry theirs, and
+    # so do the v-prediction ones of a family whose files do not say it otherwise (SD2.x 768-v: its scheduler).
+    family, prediction_type, replaced = PRESETS[preset]
+    embed = bool(replaced) or prediction_type != families.shipped_configs(family)["scheduler"]["prediction_type"]
+    save_base_model(components, folder, checkpoint, dtype, embed, {MADE_BY_KEY: preset})
 
 
 def _made_by_sdtune(path: Path) -> bool:

@@ -64,9 +64,9 @@ def batch_summary(config: TrainConfig, processes: int) -> str:
 
 
 def resolved(config: TrainConfig) -> TrainConfig:
-    """`config` with the defaults that follow from the base model's family filled in (`resolution`: its native size;
-    the bucket bounds), the family read cheaply (checkpoint keys or `model_index.json`). Unchanged when the base
-    model cannot be read: `preflight` says why.
+    """`config` with the defaults that follow from the base model's family filled in (`resolution`: its native size,
+    768 for SD2.x v-prediction; the bucket bounds), the family read cheaply (checkpoint keys or `model_index.json`).
+    Unchanged when the base model cannot be read: `preflight` says why.
 
     Raises:
         ConfigError: Bucket bounds that do not fit the resolution.
@@ -75,9 +75,10 @@ def resolved(config: TrainConfig) -> TrainConfig:
         return config
     try:
         family = models.require_supported(models.detect_family(config.base_model), Path(config.base_model))
+        predicts = models.prediction_type_of(config.base_model, config.prediction_type, config.base_model_config)
     except models.ModelError:
         return config
-    return with_native_resolution(config, families.native_resolution(family))
+    return with_native_resolution(config, families.native_resolution(family, predicts))
 
 
 def preflight(config: TrainConfig) -> list[data.Example]:
@@ -95,6 +96,7 @@ def preflight(config: TrainConfig) -> list[data.Example]:
     errors += data_errors + _output_problems(config, examples)
     try:
         family, tokenizers = models.read_base(config.base_model, config.base_model_config)
+        models.prediction_type_of(config.base_model, config.prediction_type, config.base_model_config)
     except models.ModelError as error:
         errors.append(str(error))
     else:

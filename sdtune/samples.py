@@ -80,10 +80,9 @@ def reproduce_command(config: TrainConfig) -> str:
     loras = [folder / f"{config.output_name}.safetensors"] if config.uses_lora else []
     batch_size = min(len(config.sample_prompts), 16)
     command = jobs.generate_command(
-        config.base_model, folder / JOB_FILE, embeddings, loras, batch_size, base_config=config.base_model_config
-    )
+        config.base_model, folder / JOB_FILE, embeddings, loras, batch_size, config.base_model_config,
+        config.prediction_type,
+    )  # fmt: skip
     if config.uses_lora and config.save_precision != "fp32":
         command += f"  # the LoRA file holds {config.save_precision} factors: close to the grid, not bit for bit"
-    if config.prediction_type:
-        command += f"  # the grid used prediction_type {config.prediction_type}; generate uses the base's own"
     return command

@@ -200,12 +200,50 @@ def a1111_sdxl_unmatched_keys(lora_keys, checkpoint_keys) -> list[str]:
     layers = a1111_layer_names(checkpoint_keys, "conditioner.embedders.")
     modules = {key.split(".", 1)[0] for key in lora_keys}
     unmatched = [m for m in modules if _a1111_sdxl_name(m, layers) is None]
+    return sorted(unmatched + _a1111_incomplete_open_clip_attention(modules, "lora_te2_"))
+
+
+def _a1111_incomplete_open_clip_attention(modules, prefix: str) -> list[str]:
+    """The attention parts of OpenCLIP layers (kohya names under `prefix`) that lack any of q, k, v and out: A1111
+    patches an OpenCLIP `MultiheadAttention` only with all four."""
     attention: dict[str, set[str]] = {}
     for module in modules:
-        if module.startswith("lora_te2_") and "_self_attn_" in module:
+        if module.startswith(prefix) and "_self_attn_" in module:
             layer, _, part = module.rpartition("_self_attn_")
             attention.setdefault(layer, set()).add(part)
-    for layer, parts in attention.items():
-        if parts != {"q_proj", "k_proj", "v_proj", "out_proj"}:
-            unmatched += [f"{layer}_self_attn_{part}" for part in parts]
-    return sorted(unmatched)
+    return [
+        f"{layer}_self_attn_{part}"
+        for layer, parts in attention.items()
+        if parts != {"q_proj", "k_proj", "v_proj", "out_proj"}
+        for part in parts
+    ]
+
+
+# --- SD2.x ------------------------------------------------------------------------------------------------------
+
+
+def _a1111_sd2_name(module: str, layers: set[str]) -> str | None:
+    """The `network_layer_mapping` entry A1111 finds for an SD2.x kohya module name (networks.py
+    `convert_diffusers_name_to_compvis(key, is_sd2=True)`: UNet names as SD1.x's, text-encoder names onto OpenCLIP's
+    `model_transformer_resblocks_<i>_{attn,mlp_c_fc,mlp_c_proj}`; then an `_[qkv]_proj` name's attention module)."""
+    import re
+
+    if m := re.match(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", module):
+        rest = m[2].replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn")
+        name = f"model_transformer_resblocks_{m[1]}_{rest}"
+    else:
+        name = a1111_compvis_name(module)
+    if name in layers:
+        return name
+    if (m := re.match(r"(.*)_([qkv]_proj)$", name)) and m[1] in layers:
+        return m[1]
+    return None
+
+
+def a1111_sd2_unmatched_keys(lora_keys, checkpoint_keys) -> list[str]:
+    """SD2.x LoRA modules A1111 would not apply: names it does not match, and OpenCLIP attention parts of a layer
+    that lacks any of q, k, v and out (A1111 patches a MultiheadAttention only with all four)."""
+    layers = a1111_layer_names(checkpoint_keys)  # relative to the OpenCLIP wrapper: `model_transformer_...`
+    modules = {key.split(".", 1)[0] for key in lora_keys}
+    unmatched = [m for m in modules if _a1111_sd2_name(m, layers) is None]
+    return sorted(unmatched + _a1111_incomplete_open_clip_attention(modules, "lora_te_"))

@@ -53,6 +53,22 @@ def tiny_sdxl(tmp_path_factory, _isolated_cache) -> dict[str, Path]:
     return {"folder": folder, "checkpoint": checkpoint}
 
 
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory, _isolated_cache) -> dict[str, Path]:
+    """Tiny SD2.x-family models (OpenCLIP-style `gelu` text encoder of width 48 padding with "!", linear projections),
+    512-base style (epsilon) and 768-v style (v_prediction), each as a diffusers folder and a single file."""
+    from sdtune.models import write_base_model
+
+    root = tmp_path_factory.mktemp("tiny-sd2")
+    paths = {
+        "folder": root / "tiny-sd2", "checkpoint": root / "tiny-sd2.safetensors",
+        "v_folder": root / "tiny-sd2-v", "v_checkpoint": root / "tiny-sd2-v.safetensors",
+    }  # fmt: skip
+    write_base_model(paths["folder"], paths["checkpoint"], preset="tiny-sd2", seed=0)
+    write_base_model(paths["v_folder"], paths["v_checkpoint"], preset="tiny-sd2-v", seed=0)
+    return paths
+
+
 @pytest.fixture
 def ti_config_dict(tiny_base, tmp_path) -> dict:
     """A small, valid TI config on the sample data and the tiny base (as YAML values)."""

@@ -150,7 +150,7 @@ def test_config_reference_documents_every_field_and_docs_are_current():
 
 
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_is_valid(path, tiny_base, tiny_sdxl, monkeypatch):
+def test_every_shipped_config_is_valid(path, tiny_base, tiny_sdxl, tiny_sd2, monkeypatch):
     from sdtune.preflight import preflight
 
     monkeypatch.chdir(REPO_ROOT)
@@ -162,6 +162,9 @@ def test_every_shipped_config_is_valid(path, tiny_base, tiny_sdxl, monkeypatch):
     overrides = [f"base_model={tiny_base['folder']}"]
     if "sdxl" in path.name:  # the 64 px sample images are too small for 1024 px (refused: upscaled more than 8x)
         overrides = [f"base_model={tiny_sdxl['folder']}", "resolution=512"]
+    if "sd2" in path.name:
+        overrides = [f"base_model={tiny_sd2['v_folder' if 'v' in path.stem.split('_')[-1] else 'folder']}"]
+        overrides += ["resolution=512"]
     assert preflight(load_config(path, overrides))
 
 

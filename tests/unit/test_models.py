@@ -85,13 +85,6 @@ def test_pickle_with_code_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("keys", "family"),
     [
-        (
-            {
-                "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3),
-                "cond_stage_model.model.token_embedding.weight": (8, 4),
-            },
-            "Stable Diffusion 2.x",
-        ),
         ({"conditioner.embedders.0.model.text_projection": (4, 4)}, "SDXL refiner"),
         ({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": (4,)}, "Stable Diffusion 3.x"),
         ({"double_blocks.0.img_attn.norm.key_norm.scale": (4,)}, "FLUX"),
