@@ -179,12 +179,12 @@ def generate_images(
     clip_skip: int = 1,
     batch_size: int = 16,
     check_finite: bool = False,
+    pipeline_encodes: bool = False,
 ) -> list[Image.Image]:
     """One image per prompt, prompt `i` drawn from `seeds[i]`, `batch_size` prompts per forward pass.
 
-    Every seed seeds its own CPU generator (as ComfyUI and A1111's CPU noise source do), whatever the device and
-    whatever else is in the batch, so a seed names one starting noise on any machine. This is the only place sdtune
-    draws images: `AdapterPipeline.generate`, `sdtune generate`, training sample grids and the benchmarks all call it.
+    Every seed seeds its own CPU generator (as ComfyUI and A1111's CPU noise source do), whatever the device and the
+    rest of the batch, so a seed names one starting noise on any machine. The only place sdtune draws images.
 
     Args:
         pipe: A pipeline of `family` (see `pipeline_from_components`).
@@ -199,6 +199,7 @@ def generate_images(
         batch_size: Prompts per forward pass.
         check_finite: Refuse images whose decoded pixels are NaN or infinite (black in uint8). Off for training's
             sample grids: only the main process draws them, an error there would leave the others waiting.
+        pipeline_encodes: The pipeline encodes the prompts itself (`clip_skip` 1; benchmarks of its conventions).
 
     Raises:
         SettingError: A size, step count, guidance or seed that cannot be drawn (before anything runs).
@@ -215,7 +216,7 @@ def generate_images(
         chunk = prompts[start : start + batch_size]
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds[start : start + batch_size]]
         with torch.no_grad(), _decoder_finiteness(pipe, check_finite) as decoded:
-            arguments = prompt_arguments(pipe, family, chunk, negative_prompt, clip_skip)
+            arguments = _text_arguments(pipe, family, chunk, negative_prompt, clip_skip, pipeline_encodes)
             # "np": the floats diffusers would round to uint8, where a NaN is still visible
             output = pipe(generator=generators, output_type="np", **settings, **arguments)
         bad = _non_finite(output.images, decoded) if check_finite else []
@@ -226,6 +227,16 @@ def generate_images(
             raise NonFiniteImageError(labels, images + kept + [None] * (len(prompts) - start - len(chunk)))
         images += drawn
     return images
+
+
+def _text_arguments(pipe, family: Family, prompts, negative_prompt: str, clip_skip: int, pipeline_encodes: bool):
+    """`prompt_arguments`, or with `pipeline_encodes` the texts themselves for the pipeline to encode (for SDXL the
+    two differ only where a placeholder token changes the pipeline's pooling)."""
+    if not pipeline_encodes:
+        return prompt_arguments(pipe, family, prompts, negative_prompt, clip_skip)
+    if clip_skip != 1:
+        raise ValueError("pipeline_encodes: the pipeline encodes at clip_skip 1 only")
+    return {"prompt": prompts, "negative_prompt": [negative_prompt] * len(prompts) if negative_prompt else None}
 
 
 @contextlib.contextmanager

@@ -1,15 +1,18 @@
-"""Trains the small SD1-architecture base model of the synthetic world (tools/world/) from scratch, on CPU.
+"""Trains the small base models of the synthetic world (tools/world/) from scratch, on CPU: the SD1 architecture or
+the SDXL one (two text encoders, pooled embedding, time ids).
 
     python tools/pretrain_world.py --out sample_data/world-sd1
+    python tools/pretrain_world.py --family sdxl --out sample_data/world-sdxl --vae-from sample_data/world-sd1
 
 Deterministic for the same arguments and thread count. Stages:
 1. Render 16 jittered images of every held-in scene (5 shapes x 8 colours x 7 backgrounds, minus the 10% of triples
    kept unseen; star and heart never appear).
 2. Train the VAE (one 2x downsample: 32x32x3 -> 16x16x4) on reconstruction with a small KL term.
-3. Train UNet and CLIP text encoder jointly on the latents (epsilon objective, AdamW 2e-3, EMA of the weights, 10%
+3. Train UNet and CLIP text encoder(s) jointly on the latents (epsilon objective, AdamW 2e-3, EMA of the weights, 10%
    empty captions, 15% without the colour word so that a one-token placeholder caption still reads right, offset
    noise 0.1, half the timesteps drawn from t >= 700), scoring the EMA weights every 1,000 steps with the world
-   metric (DPM-Solver++ 20 steps, guidance 3) and keeping the best.
+   metric (DPM-Solver++ 20 steps, guidance 3, prompts encoded by the diffusers pipeline itself) and keeping the
+   best. SDXL is conditioned as `StableDiffusionXLPipeline` conditions it at inference (`DenoiserRun.conditioning`).
 4. Save the best (fp16) as a diffusers folder, an original-layout single-file checkpoint, and a model card with the
    scores.
 
@@ -55,6 +58,32 @@ VAE_CONFIG = {
     "norm_num_groups": 32,
 }
 TEXT_CONFIG = {**models.TINY_CONFIGS["text_encoder"], "intermediate_size": 64, "num_hidden_layers": 2}
+# The SDXL architecture at the same scale: two text encoders whose penultimate states are concatenated (16 + 16 = the
+# SD1 world's 32-wide context), the second one's projected end-of-text state as the pooled embedding, and the time
+# ids in the added embedding (16 + 6 x 8). Three layers each, so the penultimate state has been through two. Width 16
+# keeps the folder under 15 MB: the 49,408-token embedding tables and the two tokenizer files are most of it.
+XL_TEXT_CONFIG = {
+    **TEXT_CONFIG,
+    "hidden_size": 16,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 3,
+    "projection_dim": 16,
+}
+XL_TEXT_CONFIG_2 = {
+    **XL_TEXT_CONFIG, "architectures": ["CLIPTextModelWithProjection"], "hidden_act": "gelu", "pad_token_id": 0,
+}  # fmt: skip
+XL_UNET_CONFIG = {
+    **UNET_CONFIG,
+    "cross_attention_dim": 32,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 16 + 6 * 8,
+}
+ARCHITECTURES = {  # family -> (sdtune preset whose other configs it keeps, UNet config, text-encoder configs)
+    "sd1": ("tiny", UNET_CONFIG, {"text_encoder": TEXT_CONFIG}),
+    "sdxl": ("tiny-sdxl", XL_UNET_CONFIG, {"text_encoder": XL_TEXT_CONFIG, "text_encoder_2": XL_TEXT_CONFIG_2}),
+}
 
 
 def render_dataset(scenes: list[world.Scene], per_scene: int, seed: int) -> tuple[torch.Tensor, list[world.Scene]]:
@@ -115,21 +144,29 @@ def _ema_update(ema: list[torch.Tensor], params: list[torch.nn.Parameter], decay
 
 
 class DenoiserRun:
-    """The state of the joint UNet + text encoder training: models, optimizer, EMA weights, random streams."""
+    """The state of the joint UNet + text encoder(s) training: models, optimizer, EMA weights, random streams."""
 
     def __init__(self, latent_dists, labels, vae_scale: float, args):
+        import transformers
         from diffusers import DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
 
         torch.manual_seed(args.seed)
         self.args, self.labels, self.vae_scale = args, labels, vae_scale
         self.mean, self.std = latent_dists
-        self.tokenizer = models.build_clip_tokenizer()
-        text_config = {k: v for k, v in TEXT_CONFIG.items() if k not in ("architectures", "model_type")}
-        self.text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-        self.unet = UNet2DConditionModel.from_config(UNET_CONFIG)
-        self.scheduler = DDPMScheduler.from_config(models.preset_configs("tiny")["scheduler"])
-        self.params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        preset, unet_config, text_configs = ARCHITECTURES[args.family]
+        self.family = models.PRESETS[preset][0]
+        self.tokenizers, self.text_encoders = {}, {}
+        for spec in self.family.text_encoders:
+            config = {
+                k: v for k, v in text_configs[spec.component].items() if k not in ("architectures", "model_type")
+            }
+            model_class = getattr(transformers, spec.model_class)
+            self.text_encoders[spec.component] = model_class(transformers.CLIPTextConfig(**config))
+            self.tokenizers[spec.tokenizer] = models.build_clip_tokenizer(spec.pad_token)
+        self.unet = UNet2DConditionModel.from_config(unet_config)
+        self.scheduler = DDPMScheduler.from_config(models.preset_configs(preset)["scheduler"])
+        self.params = list(self.unet.parameters())
+        self.params += [p for encoder in self.text_encoders.values() for p in encoder.parameters()]
         self.ema = [p.detach().clone() for p in self.params]
         self.optimizer = torch.optim.AdamW(self.params, lr=args.lr)
         self.rng, self.generator = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
@@ -171,9 +208,9 @@ class DenoiserRun:
             latents, noise = sampled * self.vae_scale, self.noise(sampled.shape)
             timesteps = self.timesteps(args.batch)
             captions = [caption_for(self.labels[i], self.rng) for i in index.tolist()]
-            ids = self.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-            states = self.text_encoder(ids.input_ids)[0]
-            prediction = self.unet(self.scheduler.add_noise(latents, noise, timesteps), timesteps, states).sample
+            states, extra = self.conditioning(captions)
+            noisy = self.scheduler.add_noise(latents, noise, timesteps)
+            prediction = self.unet(noisy, timesteps, states, **extra).sample
             loss = F.mse_loss(prediction, noise)
             self.optimizer.zero_grad()
             loss.backward()
@@ -186,28 +223,58 @@ class DenoiserRun:
                 )
             self.step += 1
 
+    def conditioning(self, captions: list[str]) -> tuple[torch.Tensor, dict]:
+        """The UNet's text inputs for `captions`, computed as diffusers' pipelines compute them at inference.
+
+        SD1: the text encoder's last hidden state (`StableDiffusionPipeline.encode_prompt`). SDXL, written out from
+        `StableDiffusionXLPipeline.encode_prompt` and `_get_add_time_ids` rather than from sdtune's own code (so the
+        SDXL benchmark rows, trained by sdtune and scored through the pipeline, test sdtune against the pipeline):
+        both encoders' `hidden_states[-2]` side by side, the second one's `text_embeds` as the pooled embedding,
+        zeros for an empty caption (`force_zeros_for_empty_prompt`, the unconditional branch of guidance), and the
+        time ids of a 32x32 image drawn whole: original size 32x32, crop (0, 0), target 32x32.
+        """
+        ids = {
+            spec.component: self.tokenizers[spec.tokenizer](
+                captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            ).input_ids
+            for spec in self.family.text_encoders
+        }  # fmt: skip
+        if not self.family.time_ids:
+            return self.text_encoders["text_encoder"](ids["text_encoder"])[0], {}
+        outputs = [self.text_encoders[name](ids[name], output_hidden_states=True) for name in ids]
+        states = torch.cat([output.hidden_states[-2] for output in outputs], dim=-1)
+        pooled = outputs[-1].text_embeds
+        keep = torch.tensor([caption != "" for caption in captions], dtype=states.dtype)
+        states, pooled = states * keep[:, None, None], pooled * keep[:, None]
+        time_ids = torch.tensor([[world.SIZE, world.SIZE, 0, 0, world.SIZE, world.SIZE]], dtype=states.dtype)
+        return states, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.repeat(len(captions), 1)}}
+
     def ema_models(self):
-        """Copies of the text encoder and UNet carrying the EMA weights, in eval mode without gradients."""
-        text_encoder, unet = copy.deepcopy(self.text_encoder), copy.deepcopy(self.unet)
+        """Copies of the text encoders and the UNet carrying the EMA weights, in eval mode without gradients:
+        (text encoders by pipeline attribute name, UNet)."""
+        text_encoders = {name: copy.deepcopy(encoder) for name, encoder in self.text_encoders.items()}
+        unet = copy.deepcopy(self.unet)
+        params = list(unet.parameters()) + [p for encoder in text_encoders.values() for p in encoder.parameters()]
         with torch.no_grad():
-            for param, average in zip(
-                list(unet.parameters()) + list(text_encoder.parameters()), self.ema, strict=True
-            ):
+            for param, average in zip(params, self.ema, strict=True):
                 param.copy_(average)
-        return text_encoder.eval().requires_grad_(False), unet.eval().requires_grad_(False)
+        for model in (unet, *text_encoders.values()):
+            model.eval().requires_grad_(False)
+        return text_encoders, unet
 
 
 def train_denoiser(run: DenoiserRun, vae, held_in, unseen, scheduler_config: dict):
     """Trains in rounds of `--eval-every` steps, scores the EMA model after each and keeps the best one.
 
     The loss plateaus long before the images are right, so the metric, not the loss, picks the weights.
-    Returns (text encoder, UNet, scores, step) of the best round.
+    Returns (text encoders, UNet, scores, step) of the best round.
     """
     best = None
     while run.step < run.args.steps:
         run.train(min(run.args.eval_every, run.args.steps - run.step))
-        text_encoder, unet = run.ema_models()
-        pipe = quality.world_pipeline(run.tokenizer, text_encoder, unet, vae, scheduler_config)
+        text_encoders, unet = run.ema_models()
+        components = {**run.tokenizers, **text_encoders, "unet": unet, "vae": vae}
+        pipe = quality.world_pipeline(run.family, components, scheduler_config)
         scores = evaluate_model(pipe, held_in, unseen, run.args.seed)
         rank = scores["held_in"]["all"] + scores["unseen"]["all"]
         print(
@@ -215,7 +282,7 @@ def train_denoiser(run: DenoiserRun, vae, held_in, unseen, scheduler_config: dic
             flush=True,
         )
         if best is None or rank > best[0]:
-            best = (rank, text_encoder, unet, scores, run.step)
+            best = (rank, text_encoders, unet, scores, run.step)
     return best[1:]
 
 
@@ -247,23 +314,36 @@ def _score_table(scores: dict) -> str:
     return "\n".join(lines)
 
 
+COMPONENTS = {
+    "sd1": "the SD1 architecture in diffusers (AutoencoderKL with one 2x downsample, 16x16x4 latents; "
+    "UNet2DConditionModel (32, 64) channels; CLIPTextModel width 32, 2 layers)",
+    "sdxl": "the SDXL architecture in diffusers (the same AutoencoderKL; UNet2DConditionModel (32, 64) channels with "
+    "linear projections and the `text_time` added embedding; CLIPTextModel and CLIPTextModelWithProjection, width 16, "
+    "3 layers each, their penultimate states side by side as the 32-wide context, the second one's projected "
+    "end-of-text state pooled; time ids of the whole 32x32 image), trained with the conditioning "
+    "`StableDiffusionXLPipeline` computes at inference (empty captions as zeros)",
+}
+
+
 def model_card(args, scores: dict, seconds: float) -> str:
     """The README of the saved model: what it is, how it was made, how well it draws."""
     vae_note = f" --vae-from {args.vae_from}" if getattr(args, "vae_from", None) else ""
-    return f"""# world-sd1: a small Stable Diffusion 1.x-architecture model of a synthetic world
+    family = models.PRESETS[ARCHITECTURES[args.family][0]][0]
+    return f"""# {args.out.name}: a small {family.title}-architecture model of a synthetic world
 
-Made by `python tools/pretrain_world.py --out {args.out} --steps {args.steps} --vae-steps {args.vae_steps}
---batch {args.batch} --lr {args.lr} --ema {args.ema} --offset-noise {args.offset_noise} --high-noise-fraction
-{args.high_noise_fraction} --high-noise-from {args.high_noise_from} --eval-every {args.eval_every} --seed {args.seed}
---threads {args.threads}{vae_note}` in {seconds / 60:.0f} CPU minutes; these weights are the EMA
+Made by `python tools/pretrain_world.py --family {args.family} --out {args.out} --steps {args.steps}
+--vae-steps {args.vae_steps} --batch {args.batch} --lr {args.lr} --ema {args.ema} --offset-noise {args.offset_noise}
+--high-noise-fraction {args.high_noise_fraction} --high-noise-from {args.high_noise_from}
+--eval-every {args.eval_every} --seed {args.seed} --threads {args.threads}{vae_note}`
+in {seconds / 60:.0f} CPU minutes; these weights are the EMA
 after step {scores["step"]}, the best-scoring of the rounds.
 
 It knows 32x32 images of one flat shape ({", ".join(world.PRETRAIN_SHAPES)}) in one of 8 colours
 ({", ".join(world.COLORS)}) on another as background, captioned like `a red circle on a blue background`.
 10% of the (shape, colour, background) triples were never trained on; `star` and `heart` never appear: they are the
-personalization concepts. Components: the SD1 architecture in diffusers (AutoencoderKL with one 2x downsample,
-16x16x4 latents; UNet2DConditionModel (32, 64) channels; CLIPTextModel width 32, 2 layers) with the real CLIP
-tokenizer. Weights in fp16. Files: this folder (diffusers layout) and `../world-sd1.safetensors` (original layout).
+personalization concepts. Components: {COMPONENTS[args.family]}, with the real CLIP
+tokenizer. Weights in fp16. Files: this folder (diffusers layout) and `../{args.out.name}.safetensors` (original
+layout).
 
 Scores (fraction of generated images whose shape, colour and background are all right; DPM-Solver++ 20 steps,
 guidance 3, fixed seeds; the metric is `world.score` in sdtune's tools/world):
@@ -278,6 +358,7 @@ def main() -> None:
     """Parses arguments, runs the stages, saves the model and its card."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("sample_data/world-sd1"))
+    parser.add_argument("--family", choices=ARCHITECTURES, default="sd1", help="the architecture to train")
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=32)
@@ -313,14 +394,14 @@ def main() -> None:
         dists = [vae.encode(pixels[i : i + 256]).latent_dist for i in range(0, len(pixels), 256)]
     latent_dists = (torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists]))
     run = DenoiserRun(latent_dists, labels, vae.config.scaling_factor, args)
-    scheduler_config = models.preset_configs("tiny")["scheduler"]
-    text_encoder, unet, scores, best_step = train_denoiser(run, vae, held_in, unseen, scheduler_config)
+    preset, _, text_configs = ARCHITECTURES[args.family]
+    scheduler_config = models.preset_configs(preset)["scheduler"]
+    text_encoders, unet, scores, best_step = train_denoiser(run, vae, held_in, unseen, scheduler_config)
     scores["step"] = best_step
     print(json.dumps(scores, indent=2), flush=True)
-    tokenizer = run.tokenizer
-    configs = copy.deepcopy(models.preset_configs("tiny"))
-    configs.update({"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": TEXT_CONFIG})
-    components = {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "vae": vae}
+    configs = copy.deepcopy(models.preset_configs(preset))
+    configs.update({"unet": dict(unet.config), "vae": dict(vae.config), **text_configs})
+    components = {**run.tokenizers, **text_encoders, "unet": unet, "vae": vae}
     components.update({"scheduler_config": scheduler_config, "configs": configs})
     checkpoint = args.out.with_name(args.out.name + ".safetensors")
     models.save_base_model(components, args.out, checkpoint, dtype=torch.float16)

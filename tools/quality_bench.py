@@ -12,6 +12,8 @@ editability per unseen background. Comparing settings (a single run's editabilit
 
     python tools/quality_bench.py --methods lora --concepts red_star --seeds 42,7,123 --per-background 8 \
         --no-baseline [--config my_variant.yaml] [--set KEY=VALUE ...] --out /tmp/q
+
+`--base sample_data/world-sdxl` runs the same on the SDXL world model (scored through `StableDiffusionXLPipeline`).
 """
 
 from __future__ import annotations

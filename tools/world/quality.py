@@ -1,6 +1,7 @@
 """Generating and scoring images of the synthetic world (`world`, this package): what the quality benchmark and the
 pretraining script measure with. Fixed seeds throughout, so equal weights give equal scores. The world's models are
-of the SD1 family."""
+of the SD1 family (`sample_data/world-sd1`) and the SDXL family (`sample_data/world-sdxl`); the pipelines encode the
+prompts their own way, so a model trained by sdtune is scored under the conventions diffusers uses at inference."""
 
 from __future__ import annotations
 
@@ -9,27 +10,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
+from safetensors.torch import load_file
 
 import world
-from sdtune import families, inference
+from sdtune import families, inference, models
 
 SAMPLER_STEPS = 20
 GUIDANCE = 3.0
 
 
-def world_pipeline(tokenizer, text_encoder, unet, vae, scheduler_config: dict):
-    """A pipeline over the components with DPM-Solver++ (the sampler the world is scored with)."""
-    components = {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "vae": vae}
-    return inference.pipeline_from_components(families.SD1, components, scheduler_config, "dpmpp_2m")
+def world_pipeline(family, components: dict, scheduler_config: dict):
+    """A pipeline of `family` over the components (by pipeline attribute name) with DPM-Solver++ (the sampler the
+    world is scored with)."""
+    return inference.pipeline_from_components(family, components, scheduler_config, "dpmpp_2m")
+
+
+def family_of(pipe) -> families.Family:
+    """The family of a world pipeline (SDXL pipelines have a second text encoder)."""
+    return families.SDXL if getattr(pipe, "text_encoder_2", None) is not None else families.SD1
 
 
 def generate(pipe, prompts: list[str], seed: int = 0) -> list[Image.Image]:
-    """One 32x32 image per prompt at the world's sampler settings; prompt `i` uses seed `seed + i`."""
+    """One 32x32 image per prompt at the world's sampler settings, the prompts encoded by the pipeline itself;
+    prompt `i` uses seed `seed + i`."""
     seeds = [seed + i for i in range(len(prompts))]
     size = (world.SIZE, world.SIZE)
-    return inference.generate_images(pipe, families.SD1, prompts, seeds, size, SAMPLER_STEPS, GUIDANCE, batch_size=64)
+    return inference.generate_images(
+        pipe, family_of(pipe), prompts, seeds, size, SAMPLER_STEPS, GUIDANCE, batch_size=64, pipeline_encodes=True
+    )
 
 
 def evaluate(pipe, scenes: list[world.Scene], prompts: list[str] | None = None, seed: int = 0) -> dict[str, float]:
@@ -73,14 +83,28 @@ MIN_SHAPE_IOU = 0.0  # the benchmark's default reading; docs/quality.md also rep
 def load_pipeline(base: Path, folder: Path | None, concept: Concept, method: str | None):
     """The base model as a pipeline, with the embedding and/or LoRA that `method` wrote to `folder` (under the
     world configs' file names) loaded by diffusers' own loaders; `method` None gives the base alone."""
-    pipe = StableDiffusionPipeline.from_pretrained(
-        base, torch_dtype=torch.float32, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
+    xl = (Path(base) / "text_encoder_2").is_dir()
+    pipeline_class = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    options = models.without_safety_checker(pipeline_class)
+    pipe = pipeline_class.from_pretrained(base, torch_dtype=torch.float32, **options)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if method in ("ti", "ti+lora"):
-        stem = concept.placeholder.strip("<>")
-        pipe.load_textual_inversion(str(folder / f"{stem}.safetensors"), token=concept.placeholder)
+        path = folder / f"{concept.placeholder.strip('<>')}.safetensors"
+        if xl:  # diffusers' way for SDXL embeddings: one call per text encoder (docs/formats.md#sdxl)
+            state = load_file(str(path))
+            for key, encoder, tokenizer in (
+                ("clip_l", "text_encoder", "tokenizer"),
+                ("clip_g", "text_encoder_2", "tokenizer_2"),
+            ):
+                pipe.load_textual_inversion(
+                    state[key],
+                    token=concept.placeholder,
+                    text_encoder=getattr(pipe, encoder),
+                    tokenizer=getattr(pipe, tokenizer),
+                )
+        else:
+            pipe.load_textual_inversion(str(path), token=concept.placeholder)
     if method in ("lora", "ti+lora"):
         name = f"{concept.placeholder.strip('<>')}_lora" if method == "ti+lora" else concept.name
         pipe.load_lora_weights(str(folder / f"{name}.safetensors"))
