@@ -593,10 +593,10 @@ def _probed_prediction_type(path: Path, family: Family, config_dir) -> str:
         folder = Path(config_dir) if config_dir else _config_dir_for(metadata, family)
         unet_config = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
         _PROBED[key] = probe_prediction_type(_single_file_unet(path, unet_config))
-        release = "768-v" if _PROBED[key] == "v_prediction" else "512-base"
+        release = families.config_folder(family, _PROBED[key])  # the family record names the configs it picks
         logger.warning(
             "base_model: %s does not say whether it predicts epsilon or v (no %s beside it, no v_pred marker); "
-            "probing its UNet as A1111 does, it is taken as %s (the %s release's config). If that is wrong, set "
+            "probing its UNet as A1111 does, it is taken as %s (sdtune's shipped %s configs). If that is wrong, set "
             "prediction_type: %s in the config (--prediction-type for sdtune generate), or put the model's yaml "
             "beside the file.",
             path, path.with_suffix(".yaml").name, _PROBED[key], release,

@@ -173,7 +173,7 @@ def test_a_file_that_says_nothing_is_probed_as_a1111_probes_with_a_warning(
     assert (
         len(warnings) == 1 and f"does not say whether it predicts epsilon or v (no unstated{bias}.yaml" in warnings[0]
     )
-    assert f"it is taken as {expected}" in warnings[0] and "set prediction_type:" in warnings[0]
+    assert f"it is taken as {expected} (sdtune's shipped sd2" in warnings[0] and "set prediction_type:" in warnings[0]
     config = preflight.resolved(
         parse_config({**{k: v for k, v in sd2_dict.items() if k != "resolution"}, "base_model": str(path)})
     )
