@@ -4,6 +4,9 @@
 
 - `red_star`: a shape the base model never saw (outside its span: LoRA territory, TI's negative control).
 - `purple_triangle`: a shape and colour it knows, as one new word (inside its span: TI can learn it).
+- `hollow`: a rendering style it never saw (the shape cut out of its centre), 9 images over 3 shapes, 3 colours
+  and 3 backgrounds, captioned `<hollow> red circle on a yellow background` (and with the plain word `hollow` for a
+  LoRA alone).
 Captions name the concept with a one-token placeholder, `a <star> on a blue background`. Training backgrounds are
 `world.quality.TRAIN_BACKGROUNDS`; the others are kept for measuring editability.
 """
@@ -35,6 +38,24 @@ def write_concept(concept: quality.Concept, per_background: int = 2, seed: int =
     return folder
 
 
+def write_style(style: quality.StyleConcept = quality.STYLE, seed: int = 0) -> Path:
+    """Renders the style set (`quality.STYLE_TRAIN_SCENES`, jittered), captioned `<hollow> red circle on a yellow
+    background` (column `text`, for TI and TI+LoRA) and `hollow red circle on a yellow background` (the plain
+    trigger word a LoRA alone learns, column `quality.WORD_COLUMN`)."""
+    folder = ROOT / style.name
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, rows = random.Random(seed), []
+    for scene in quality.STYLE_TRAIN_SCENES:
+        file_name = f"{style.name}_{scene.color}_{scene.shape}_{scene.background}.png"
+        world.render_jittered(scene, rng).save(folder / file_name)
+        rows.append(
+            {"file_name": file_name, "text": style.prompt(scene), quality.WORD_COLUMN: style.prompt(scene, "lora")}
+        )
+    data.write_metadata(folder, rows, ("file_name", "text", quality.WORD_COLUMN))
+    return folder
+
+
 if __name__ == "__main__":
     for concept in quality.CONCEPTS:
         print(f"wrote {write_concept(concept)}")
+    print(f"wrote {write_style()}")

@@ -82,7 +82,8 @@ def run_one(method: str | None, concept: quality.Concept, args, seed: int | None
     if method is not None:
         folder = args.work / f"{concept.name}-{method.replace('+', '_')}{suffix}"
         timing = train_method(method, concept, folder, args.base, args.max_steps, settings, args.config)
-    scores, images = quality.measure(quality.load_pipeline(args.base, folder, concept, method), concept)
+    pipe = quality.load_pipeline(args.base, folder, concept, method)
+    scores, images = quality.measure(pipe, concept, method=method)
     label = method or "untrained"
     quality.save_grid(images, args.out / f"{concept.name}-{label.replace('+', '_')}{suffix}.png", columns=16)
     steps = 0 if method is None else args.max_steps or _configured_steps(method, args.config)
@@ -163,7 +164,7 @@ def _argument_problems(args: argparse.Namespace) -> list[str]:
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         problems.append(f"--methods: {', '.join(unknown)} unknown; choose from {', '.join(METHODS)}")
-    names = [c.name for c in quality.CONCEPTS]
+    names = [c.name for c in (*quality.CONCEPTS, quality.STYLE)]
     unknown = [c for c in args.concepts.split(",") if c not in names]
     if unknown:
         problems.append(f"--concepts: {', '.join(unknown)} unknown; choose from {', '.join(names)}")

@@ -91,3 +91,23 @@ def test_the_reference_benchmark_sees_a_deliberately_slowed_step(tmp_path, monke
     for row in (plain, slowed):
         assert row["sdtune_peak_mib"] > 100 and row["reference_peak_mib"] > 100
         assert row["sdtune_first_step_seconds"] > row["sdtune_seconds_per_step"]
+
+
+def test_compose_bench_refuses_bad_arguments_and_tabulates_rows(capsys, tmp_path):
+    bench = _tool("compose_bench")
+    argv = ["--identity", str(tmp_path / "no.safetensors"), "--style", str(tmp_path / "none.safetensors")]
+    with pytest.raises(SystemExit) as exited:
+        bench._arguments([*argv, "--weights", "0.5,x", "--identity-concept", "blue_moon"])
+    assert exited.value.code == 2
+    message = capsys.readouterr().err
+    assert "--identity: " in message and "no.safetensors is not a file" in message
+    assert "none.safetensors is not a file" in message
+    assert "--weights: '0.5,x' is not a comma-separated list of numbers" in message
+    assert "--identity-concept: blue_moon unknown; choose from red_star, purple_triangle" in message
+    rows = [
+        {"route": "sdtune AdapterPipeline", "identity_weight": 1.0, "style_weight": 1.0, "both": 0.75,
+         "identity": 1.0, "style": 0.75},
+    ]  # fmt: skip
+    table = bench.markdown_table(rows).splitlines()
+    assert table[0].startswith("| route | identity weight | style LoRA weight | identity and style |")
+    assert table[2] == "| sdtune AdapterPipeline | 1.00 | 1.00 | 0.75 | 1.00 | 0.75 |"

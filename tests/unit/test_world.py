@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 
 import world
 
@@ -19,7 +21,7 @@ def rendered():
 
 def test_ground_truth_scores_one(rendered):
     scenes, images = rendered
-    assert world.score(images, scenes) == {"shape": 1.0, "color": 1.0, "background": 1.0, "all": 1.0}
+    assert world.score(images, scenes) == {"shape": 1.0, "color": 1.0, "background": 1.0, "style": 1.0, "all": 1.0}
 
 
 def test_mismatched_targets_score_chance(rendered):
@@ -31,10 +33,12 @@ def test_mismatched_targets_score_chance(rendered):
     assert scores["all"] < 0.02
 
 
-def test_small_noise_and_blur_change_nothing(rendered):
+@pytest.mark.parametrize("which", ["rendered", "hollow"])
+def test_small_noise_and_blur_change_nothing(which, request):
+    """Flat and hollow renders alike: noise (sigma 12) and a 0.6 px blur change at most 1-3% of readings."""
     from PIL import ImageFilter
 
-    scenes, images = rendered
+    scenes, images = request.getfixturevalue(which)
     noise = np.random.default_rng(0)
     noisy = [np.clip(np.asarray(im, dtype=np.float32) + noise.normal(0, 12, (32, 32, 3)), 0, 255) for im in images]
     assert world.score(noisy, scenes)["all"] >= 0.99
@@ -86,3 +90,106 @@ def test_min_shape_iou_rejects_a_scribble_that_best_matches_a_shape():
     clean = [world.render(world.Scene(shape, "red", "blue")) for shape in world.PRETRAIN_SHAPES]
     scenes = [world.Scene(shape, "red", "blue") for shape in world.PRETRAIN_SHAPES]
     assert world.score(clean, scenes, min_shape_iou=0.4)["all"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The hollow style and its reading
+
+
+@pytest.fixture(scope="module")
+def hollow():
+    rng = random.Random(2)
+    scenes = [world.Scene(s.shape, s.color, s.background, "hollow") for s in world.all_scenes(world.ALL_SHAPES)]
+    return scenes, [world.render_jittered(scene, rng) for scene in scenes]
+
+
+def test_hollow_ground_truth_scores_one_and_reads_as_hollow(hollow):
+    scenes, images = hollow
+    assert world.score(images, scenes) == {"shape": 1.0, "color": 1.0, "background": 1.0, "style": 1.0, "all": 1.0}
+    hole = np.asarray(world.render(world.Scene("square", "red", "blue", "hollow")))[16, 16]
+    assert tuple(hole) == world.COLORS["blue"]  # the centre shows the background
+
+
+def test_style_is_read_both_ways(rendered, hollow):
+    """A flat render asked for as hollow fails on style alone, and the reverse: the style is read, not assumed."""
+    flat_scenes, flat_images = rendered
+    hollow_scenes, hollow_images = hollow
+    as_hollow = [world.Scene(s.shape, s.color, s.background, "hollow") for s in flat_scenes]
+    scores = world.score(flat_images, as_hollow)
+    assert (scores["style"], scores["all"], scores["shape"], scores["color"]) == (0.0, 0.0, 1.0, 1.0)
+    as_flat = [world.Scene(s.shape, s.color, s.background) for s in hollow_scenes]
+    assert world.score(hollow_images, as_flat)["style"] == 0.0
+
+
+def test_style_against_shuffled_targets_is_chance(rendered, hollow):
+    """Half flat, half hollow images against shuffled scenes: style right about half the time, all four ~never."""
+    scenes = rendered[0][::2] + hollow[0][1::2]
+    images = rendered[1][::2] + hollow[1][1::2]
+    shuffled = list(scenes)
+    random.Random(3).shuffle(shuffled)
+    scores = world.score(images, shuffled)
+    assert 0.4 < scores["style"] < 0.6
+    assert scores["all"] < 0.02
+
+
+def test_a_hole_in_another_colour_still_reads_hollow():
+    """What a blurred decoder draws: a ring of the object's colour around a centre of an in-between colour."""
+    image = np.array(world.render(world.Scene("circle", "red", "white", "hollow")))
+    image[14:19, 14:19] = world.COLORS["orange"]
+    assert world.read_image(image).style == "hollow"
+    solid = np.array(world.render(world.Scene("circle", "red", "white")))
+    solid[15:17, 15:17] = world.COLORS["white"]  # a 4-pixel speck: under 2% of the area, below HOLE_MIN_SHARE
+    assert world.read_image(solid).style == "flat"
+
+
+def test_unknown_style_is_refused_by_name():
+    with pytest.raises(ValueError, match="unknown style 'striped'; known: flat, hollow"):
+        world.render(world.Scene("circle", "red", "blue", "striped"))
+
+
+def test_style_set_covers_six_colours_and_transfer_leaves_one_axis_out_at_a_time():
+    """Transfer = what the style set never shows, per axis (docs/quality.md#a-style)."""
+    from world import quality
+
+    train = quality.STYLE_TRAIN_SCENES
+    shapes, colors, backgrounds = ({getattr(s, a) for s in train} for a in ("shape", "color", "background"))
+    assert len(train) == 12 and len(set(train)) == 12
+    assert colors == backgrounds and len(colors) == 6 and "cross" not in shapes
+    assert all(sum(s.color == c for s in train) == 2 == sum(s.background == c for s in train) for c in colors)
+    new = {axis: [world.Scene(*t) for t in triples] for axis, triples in quality.STYLE_TRANSFER.items()}
+    assert all(s.shape not in shapes and s.color in colors and s.background in backgrounds for s in new["new shape"])
+    assert all(s.shape in shapes and s.color not in colors and s.background in backgrounds for s in new["new colour"])
+    assert all(s.shape in shapes and s.color in colors and s.background not in colors for s in new["new background"])
+    assert all(s.shape not in shapes and s.color not in colors and s.background not in colors for s in new["all new"])
+    assert len(quality.STYLE_TRANSFER_SCENES) == 14
+
+
+def test_style_trigger_takes_the_place_of_the_first_word():
+    """One token where pretraining had the one-token `a`: every later word keeps its position (docs/quality.md)."""
+    from world import quality
+
+    scene = world.Scene("circle", "red", "yellow")
+    assert quality.STYLE.prompt(scene, "ti+lora") == "<hollow> red circle on a yellow background"
+    assert quality.STYLE.prompt(scene, "lora") == "hollow red circle on a yellow background"
+    rows = (REPO_ROOT / "sample_data" / "world" / "hollow" / "metadata.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0] == f"file_name,text,{quality.WORD_COLUMN}" and len(rows) == 13
+    assert "caption_column=text_word" in quality.train_overrides(
+        "lora", quality.STYLE, Path("b"), Path("d"), Path("o")
+    )
+    assert not any(
+        "caption_column" in o for o in quality.train_overrides("ti", quality.STYLE, Path("b"), Path("d"), Path("o"))
+    )
+
+
+def test_composition_scores_count_identity_and_style_separately():
+    from world import quality
+
+    identity = quality.concept_by_name("purple_triangle")
+    scenes, prompts = quality.composition_scenes(identity, quality.STYLE)
+    assert prompts[0] == "hollow <ptri> on a red background" and len(scenes) == 7 * 4
+    right = [world.render(scene) for scene in scenes]
+    flat = [world.render(world.Scene(s.shape, s.color, s.background)) for s in scenes]
+    other = [world.render(world.Scene("circle", "purple", s.background, "hollow")) for s in scenes]
+    assert quality.composition_scores(right, scenes) == {"both": 1.0, "identity": 1.0, "style": 1.0}
+    assert quality.composition_scores(flat, scenes) == {"both": 0.0, "identity": 1.0, "style": 0.0}
+    assert quality.composition_scores(other, scenes) == {"both": 0.0, "identity": 0.0, "style": 1.0}

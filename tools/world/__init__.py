@@ -38,6 +38,7 @@ class Scene:
     shape: str
     color: str
     background: str
+    style: str = "flat"  # or "hollow": the same shape cut out of its centre (`render`)
 
     def caption(self) -> str:
         """The canonical caption, `a {color} {shape} on a {background} background`."""
@@ -87,12 +88,26 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
         draw.polygon(polygon, fill=fill)
 
 
+STYLES = ("flat", "hollow")
+HOLE_SCALE = 0.4  # the hollow style's hole: the same shape at this fraction of the object's radius
+
+
 def render(scene: Scene, offset: tuple[float, float] = (0.0, 0.0), radius: float = 10.0) -> Image.Image:
-    """Draws a scene at 4x and downsamples (anti-aliased edges). `offset` moves the centre; `radius` sizes it."""
+    """Draws a scene at 4x and downsamples (anti-aliased edges). `offset` moves the centre; `radius` sizes it.
+
+    The `hollow` style cuts the same shape at `HOLE_SCALE` of the radius out of the object's centre (a thick
+    outline, the world's line-art style): a rendering the world model never saw, built from palette colours and
+    a band at least 5 pixels wide so that its 16x16-latent VAE can draw it (2-pixel outlines, or a second colour
+    inside the object, it draws poorly: docs/quality.md#a-style)."""
+    if scene.style not in STYLES:
+        raise ValueError(f"unknown style {scene.style!r}; known: {', '.join(STYLES)}")
     big = SIZE * _SUPERSAMPLE
     image = Image.new("RGB", (big, big), COLORS[scene.background])
     cx, cy = (SIZE / 2 + offset[0]) * _SUPERSAMPLE, (SIZE / 2 + offset[1]) * _SUPERSAMPLE
-    _draw(ImageDraw.Draw(image), scene.shape, cx, cy, radius * _SUPERSAMPLE, COLORS[scene.color])
+    draw = ImageDraw.Draw(image)
+    _draw(draw, scene.shape, cx, cy, radius * _SUPERSAMPLE, COLORS[scene.color])
+    if scene.style == "hollow":
+        _draw(draw, scene.shape, cx, cy, radius * HOLE_SCALE * _SUPERSAMPLE, COLORS[scene.background])
     return image.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
 
 
@@ -148,13 +163,15 @@ class Reading:
     color: str | None
     background: str
     shape_iou: float
+    style: str = "flat"  # "hollow" when the object's main colour encloses a hole (`HOLE_MIN_SHARE`)
 
     def matches(self, scene: Scene) -> dict[str, bool]:
-        """Per attribute: does the image show what the scene asked for?"""
+        """Per attribute: does the image show what the scene asked for (a flat scene must not read hollow)?"""
         return {
             "shape": self.shape == scene.shape,
             "color": self.color == scene.color,
             "background": self.background == scene.background,
+            "style": self.style == scene.style,
         }
 
 
@@ -182,11 +199,36 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
     mask = classes != background_index
     if mask.sum() < 4:
         return Reading(None, None, _NAMES[background_index], 0.0)
-    color = _NAMES[int(np.bincount(classes[mask], minlength=len(_NAMES)).argmax())]
+    color_index = int(np.bincount(classes[mask], minlength=len(_NAMES)).argmax())
     masks, names = _TEMPLATES
     ious = (masks & mask).sum(axis=(1, 2)) / np.maximum((masks | mask).sum(axis=(1, 2)), 1)
     best = int(np.argmax(ious))
-    return Reading(names[best], color, _NAMES[background_index], float(ious[best]))
+    style = "hollow" if _enclosed_share(classes == color_index) >= HOLE_MIN_SHARE else "flat"
+    return Reading(names[best], _NAMES[color_index], _NAMES[background_index], float(ious[best]), style)
+
+
+HOLE_MIN_SHARE = 0.04  # of the area the main colour encloses (the style's hole is 0.16 of it; flat shapes: 0)
+
+
+def _enclosed_share(main: np.ndarray) -> float:
+    """Which share of the region that `main` (a boolean mask) covers, holes filled, is hole: pixels that cannot
+    reach the image border without crossing `main` (4-connected). Whatever colour the hole is drawn in counts, so
+    a blurred hole (red ring around a reddish-white centre) still reads."""
+    outside = np.zeros_like(main)
+    outside[[0, -1], :] = ~main[[0, -1], :]
+    outside[:, [0, -1]] |= ~main[:, [0, -1]]
+    while True:  # grow the outside through non-`main` pixels until it stops changing (a 32x32 image: fast)
+        grown = outside.copy()
+        grown[1:] |= outside[:-1]
+        grown[:-1] |= outside[1:]
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown &= ~main
+        if (grown == outside).all():
+            break
+        outside = grown
+    hole = ~main & ~outside
+    return float(hole.sum() / max((main | hole).sum(), 1))
 
 
 def score(images: list, scenes: list[Scene], min_shape_iou: float = 0.0) -> dict[str, float]:
@@ -195,7 +237,7 @@ def score(images: list, scenes: list[Scene], min_shape_iou: float = 0.0) -> dict
     scribble can read as the shape it overlaps most)."""
     if len(images) != len(scenes):
         raise ValueError(f"{len(images)} images for {len(scenes)} scenes")
-    totals = {"shape": 0, "color": 0, "background": 0, "all": 0}
+    totals = {"shape": 0, "color": 0, "background": 0, "style": 0, "all": 0}
     for image, scene in zip(images, scenes, strict=True):
         reading = read_image(image)
         matches = reading.matches(scene)

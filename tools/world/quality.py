@@ -80,6 +80,64 @@ SEEDS_PER_BACKGROUND = 4
 MIN_SHAPE_IOU = 0.0  # the benchmark's default reading; docs/quality.md also reports 0.4 (scribbles rejected)
 
 
+@dataclass(frozen=True)
+class StyleConcept:
+    """A rendering style to personalize. Its trigger replaces a caption's first word: `<hollow> red circle on a
+    blue background`. One token in the place of the one-token `a` keeps every later word at its pretraining
+    position, and CLIP's causal text encoder gives the first token the same state in every prompt: a clean switch.
+    (`a red circle on a blue background in hollow style` leaves the words as well but makes the trigger's state
+    depend on the content before it; `<hollow>` as plain text is three tokens and garbles the world model's
+    colours and shapes: docs/quality.md#a-style.)"""
+
+    name: str
+    style: str  # a `world.STYLES` entry
+    placeholder: str  # the learned token (TI, TI+LoRA)
+    word: str  # the plain one-token trigger word a LoRA alone learns (its captions' `word_column`)
+    init_word: str
+
+    def trigger(self, method: str | None) -> str:
+        """The trigger the captions of `method` use: the word for LoRA alone, else the placeholder."""
+        return self.word if method == "lora" else self.placeholder
+
+    def prompt(self, scene: world.Scene, method: str | None = None) -> str:
+        """`scene`'s caption with `method`'s trigger in the place of its first word."""
+        return self.trigger(method) + scene.caption().removeprefix("a")
+
+
+STYLE = StyleConcept("hollow", "hollow", "<hollow>", "hollow", "outline")
+WORD_COLUMN = "text_word"  # the style set's captions with the plain trigger word (metadata.csv)
+# The style set: 12 images, 4 shapes x 3, every one of 6 colours twice as the object and twice as the background.
+# Transfer, per axis: the shape it never shows (cross), the colours it never shows (purple, orange) as the object,
+# as the background, and all of them at once.
+STYLE_TRAIN_SCENES = tuple(
+    world.Scene(shape, color, background, "hollow")
+    for shape, pairs in (
+        ("circle", (("red", "yellow"), ("blue", "green"), ("white", "black"))),
+        ("square", (("yellow", "blue"), ("green", "white"), ("black", "red"))),
+        ("triangle", (("red", "green"), ("blue", "black"), ("white", "yellow"))),
+        ("diamond", (("yellow", "red"), ("green", "blue"), ("black", "white"))),
+    )
+    for color, background in pairs
+)
+STYLE_TRANSFER = {
+    "new shape": (
+        ("cross", "red", "blue"), ("cross", "white", "green"), ("cross", "yellow", "black"), ("cross", "blue", "red"),
+    ),
+    "new colour": (
+        ("circle", "purple", "yellow"), ("square", "orange", "green"), ("triangle", "purple", "white"),
+        ("diamond", "orange", "black"),
+    ),
+    "new background": (
+        ("circle", "blue", "purple"), ("square", "white", "orange"), ("triangle", "yellow", "purple"),
+        ("diamond", "red", "orange"),
+    ),
+    "all new": (("cross", "purple", "orange"), ("cross", "orange", "purple")),
+}  # fmt: skip
+STYLE_TRANSFER_SCENES = tuple(
+    world.Scene(*triple, "hollow") for triples in STYLE_TRANSFER.values() for triple in triples
+)
+
+
 def load_pipeline(base: Path, folder: Path | None, concept: Concept, method: str | None):
     """The base model as a pipeline, with the embedding and/or LoRA that `method` wrote to `folder` (under the
     world configs' file names) loaded by diffusers' own loaders; `method` None gives the base alone."""
@@ -116,6 +174,8 @@ def train_overrides(
 ) -> list[str]:
     """`key=value` overrides that point a world config (`configs/world_<method>.yaml`) at a concept's images."""
     overrides = [f"base_model={base}", f"train_data_dir={data_dir / concept.name}", f"output_dir={out}"]
+    if isinstance(concept, StyleConcept) and method == "lora":
+        overrides.append(f"caption_column={WORD_COLUMN}")
     if method != "lora":
         overrides += [f"placeholder_token={concept.placeholder}", f"init_word={concept.init_word}"]
     if max_steps:
@@ -123,9 +183,9 @@ def train_overrides(
     return overrides
 
 
-def concept_by_name(name: str) -> Concept:
-    """The concept called `name`."""
-    return next(concept for concept in CONCEPTS if concept.name == name)
+def concept_by_name(name: str) -> Concept | StyleConcept:
+    """The concept (or the style) called `name`."""
+    return next(concept for concept in (*CONCEPTS, STYLE) if concept.name == name)
 
 
 def unseen_backgrounds(concept: Concept) -> tuple[str, ...]:
@@ -145,12 +205,26 @@ def prior_scenes(count: int = 48, seed: int = 0) -> list[world.Scene]:
     return random.Random(seed).sample(held_in, count) + unseen
 
 
-def measure(pipe, concept: Concept, seed: int = 0, prior: bool = True) -> tuple[dict[str, float], list[Image.Image]]:
+def style_scenes(style: StyleConcept, scenes, method: str | None) -> tuple[list[world.Scene], list[str]]:
+    """(scenes, prompts): each style scene `SEEDS_PER_BACKGROUND` times, prompted with `method`'s trigger."""
+    repeated = [scene for scene in scenes for _ in range(SEEDS_PER_BACKGROUND)]
+    return repeated, [style.prompt(scene, method) for scene in repeated]
+
+
+def measure(
+    pipe, concept: Concept | StyleConcept, seed: int = 0, prior: bool = True, method: str | None = None
+) -> tuple[dict[str, float], list[Image.Image]]:
     """Fidelity (concept on training backgrounds), editability (on unseen ones) and, unless `prior` is False, prior
     preservation (base prompts), as fractions of fully correct images; plus the concept images (training, then
-    unseen backgrounds)."""
-    fidelity_scenes, fidelity_prompts = concept_scenes(concept, TRAIN_BACKGROUNDS[concept.name])
-    edit_scenes, edit_prompts = concept_scenes(concept, unseen_backgrounds(concept))
+    unseen backgrounds). For a style: fidelity on the style set's scenes, editability = transfer to the scenes with
+    shapes, colours and backgrounds the style set never shows (shape, colour, background and style all right),
+    prompted with the trigger `method` trained."""
+    if isinstance(concept, StyleConcept):
+        fidelity_scenes, fidelity_prompts = style_scenes(concept, STYLE_TRAIN_SCENES, method)
+        edit_scenes, edit_prompts = style_scenes(concept, STYLE_TRANSFER_SCENES, method)
+    else:
+        fidelity_scenes, fidelity_prompts = concept_scenes(concept, TRAIN_BACKGROUNDS[concept.name])
+        edit_scenes, edit_prompts = concept_scenes(concept, unseen_backgrounds(concept))
     images = generate(pipe, fidelity_prompts + edit_prompts, seed)
     split = len(fidelity_prompts)
     scores = {
@@ -162,8 +236,16 @@ def measure(pipe, concept: Concept, seed: int = 0, prior: bool = True) -> tuple[
     return scores, images
 
 
-def editability_by_background(images: list[Image.Image], concept: Concept) -> dict[str, float]:
-    """Fraction fully right per unseen background, from `measure`'s images (training backgrounds first)."""
+def editability_by_background(images: list[Image.Image], concept: Concept | StyleConcept) -> dict[str, float]:
+    """Fraction fully right per unseen background, from `measure`'s images (training backgrounds first); for a
+    style, per transfer axis (`STYLE_TRANSFER`: new shape, new colour, new background, all new)."""
+    if isinstance(concept, StyleConcept):
+        start, result = SEEDS_PER_BACKGROUND * len(STYLE_TRAIN_SCENES), {}
+        for axis, triples in STYLE_TRANSFER.items():
+            scenes = [world.Scene(*triple, "hollow") for triple in triples for _ in range(SEEDS_PER_BACKGROUND)]
+            result[axis] = world.score(images[start : start + len(scenes)], scenes, MIN_SHAPE_IOU)["all"]
+            start += len(scenes)
+        return result
     start = SEEDS_PER_BACKGROUND * len(TRAIN_BACKGROUNDS[concept.name])
     result = {}
     for background in unseen_backgrounds(concept):
@@ -176,3 +258,34 @@ def editability_by_background(images: list[Image.Image], concept: Concept) -> di
 def prior_score(pipe, seed: int = 0) -> float:
     """Fraction of the `prior_scenes` base prompts drawn fully right (the same prompts and seeds for every concept)."""
     return evaluate(pipe, prior_scenes(), seed=seed + 5000)["all"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Composition: an identity and a style, trained separately, used together
+
+
+def composition_scenes(
+    identity: Concept, style: StyleConcept, style_method: str = "lora"
+) -> tuple[list[world.Scene], list[str]]:
+    """(scenes, prompts): the identity in the style on every background but its own colour, `SEEDS_PER_BACKGROUND`
+    times each, with the trigger of the style's `style_method` in the place of the first word: `hollow <ptri> on a
+    green background` for a style LoRA, `<hollow> <ptri> ...` for a TI+LoRA style."""
+    backgrounds = [b for b in world.COLORS if b != identity.color]
+    scenes = [
+        world.Scene(identity.shape, identity.color, b, style.style)
+        for b in backgrounds
+        for _ in range(SEEDS_PER_BACKGROUND)
+    ]
+    prompts = [f"{style.trigger(style_method)} {identity.placeholder} on a {s.background} background" for s in scenes]
+    return scenes, prompts
+
+
+def composition_scores(images: list, scenes: list[world.Scene]) -> dict[str, float]:
+    """Fractions of images with the identity right (shape, colour, background), in the style, and both."""
+    readings = [world.read_image(image).matches(scene) for image, scene in zip(images, scenes, strict=True)]
+    identity = [r["shape"] and r["color"] and r["background"] for r in readings]
+    return {
+        "both": sum(i and r["style"] for i, r in zip(identity, readings, strict=True)) / len(scenes),
+        "identity": sum(identity) / len(scenes),
+        "style": sum(r["style"] for r in readings) / len(scenes),
+    }
