@@ -97,3 +97,23 @@ def ti_lora_process_dict(tiny_base) -> dict:
         "random_flip": True, "lora_rank": 2, "learning_rate": 1e-2, "save_precision": "fp32", "seed": 5,
         "train_text_encoder": True,
     }  # fmt: skip
+
+
+def assert_trained_alike(a: dict, b: dict, atol: float, rtol: float, step_size: float, steps: int) -> None:
+    """Two trainings that see the same examples, noise and timesteps ended at the same weights, up to what Adam does
+    with float noise: it divides by sqrt(v), so a near-zero gradient entry whose sign differs by rounding (another
+    CPU, another reduction order) moves by up to one step (`step_size`) the other way. Every entry must stay within
+    two steps per optimizer step; all but 1% within (atol, rtol); the median difference at float precision."""
+    assert a.keys() == b.keys()
+    differences, outliers, total = [], 0, 0
+    for key in a:
+        x, y = a[key].float(), b[key].float()
+        difference = (x - y).abs()
+        outliers += int((difference > atol + rtol * y.abs()).sum())
+        total += difference.numel()
+        differences.append(difference.flatten())
+        assert difference.max().item() <= 2 * step_size * steps, (key, difference.max().item())
+    assert outliers <= 0.01 * total, f"{outliers} of {total} entries differ beyond atol {atol} / rtol {rtol}"
+    import torch
+
+    assert torch.cat(differences).median().item() < 1e-5

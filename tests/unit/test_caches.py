@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_trained_alike
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -39,9 +40,9 @@ def test_cached_training_equals_uncached(config_dict, tmp_path):
     cached = _train(
         {**config_dict, "cache_latents": True, "cache_text_encoder_outputs": True}, str(tmp_path / "cached")
     )
-    assert plain.keys() == cached.keys()
-    for key in plain:  # same noise, same batches: only the VAE's batch composition differs
-        torch.testing.assert_close(cached[key], plain[key], atol=2e-5, rtol=1e-4)
+    # same noise, same batches: only the VAE's batch composition differs (float noise, which Adam can turn into up to
+    # one step on a near-zero gradient entry)
+    assert_trained_alike(plain, cached, atol=2e-5, rtol=1e-4, step_size=config_dict["learning_rate"], steps=3)
 
 
 def test_disk_cache_is_reused_and_an_edited_image_is_re_encoded(config_dict, tmp_path, monkeypatch):
