@@ -8,7 +8,8 @@ images with the identity right (shape, colour, background), in the style, and bo
 `AdapterPipeline` and through diffusers' own loaders (`load_textual_inversion`, `load_lora_weights` +
 `set_adapters`), then with the style LoRA's weight swept (and, with `--identity-lora` for a TI+LoRA identity, that
 LoRA's weight too; `--style-embedding` adds a TI+LoRA style's embedding, whose learned token then triggers it).
-Writes `compose.json`, `compose.md` and a grid per route.
+Works on either world model (`--base sample_data/world-sdxl`: `StableDiffusionXLPipeline`, the embedding loaded
+into both encoders). Writes `compose.json`, `compose.md` and a grid per route.
 """
 
 from __future__ import annotations
@@ -17,10 +18,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-from sdtune import models
 from sdtune.inference import AdapterPipeline
 from world import quality
 
@@ -28,14 +25,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def diffusers_pipeline(args, style_weight: float, identity_weight: float):
-    """The base with the identity and the style loaded by diffusers' own loaders, the LoRAs at the given weights."""
-    options = models.without_safety_checker(StableDiffusionPipeline)
-    pipe = StableDiffusionPipeline.from_pretrained(args.base, torch_dtype=torch.float32, **options)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_textual_inversion(str(args.identity), token=args.identity_concept.placeholder)
+    """The base with the identity and the style loaded by diffusers' own loaders (SD1 or SDXL pipeline), the LoRAs
+    at the given weights."""
+    pipe = quality.base_pipeline(args.base)
+    quality.load_embedding(pipe, args.identity, args.identity_concept.placeholder)
     if args.style_embedding:
-        pipe.load_textual_inversion(str(args.style_embedding), token=quality.STYLE.placeholder)
+        quality.load_embedding(pipe, args.style_embedding, quality.STYLE.placeholder)
     names, weights = ["style"], [style_weight]
     pipe.load_lora_weights(str(args.style), adapter_name="style")
     if args.identity_lora:

@@ -86,10 +86,17 @@ def run_one(method: str | None, concept: quality.Concept, args, seed: int | None
     scores, images = quality.measure(pipe, concept, method=method)
     label = method or "untrained"
     quality.save_grid(images, args.out / f"{concept.name}-{label.replace('+', '_')}{suffix}.png", columns=16)
-    steps = 0 if method is None else args.max_steps or _configured_steps(method, args.config)
+    steps = 0 if method is None else _trained_steps(method, args)
     row = {"concept": concept.name, "method": label, "steps": steps, **scores, **timing, **_file_stats(folder)}
     row["editability_by_background"] = quality.editability_by_background(images, concept)
     return {**row, "seed": seed, "settings": " ".join(settings) if method else ""}
+
+
+def _trained_steps(method: str, args) -> int:
+    """The steps a run trained: a `--set max_steps=N` override, else `--max-steps`, else the config's."""
+    pairs = [item.split("=", 1) for item in args.set]
+    overridden = [int(float(value)) for key, value in pairs if key.strip() == "max_steps"]
+    return (overridden or [None])[-1] or args.max_steps or _configured_steps(method, args.config)
 
 
 def _configured_steps(method: str | None, config: Path | None = None) -> int:

@@ -33,6 +33,11 @@ def test_quality_bench_refuses_bad_arguments_before_training(capsys, tmp_path):
     assert "--config replaces one method's config" in message and "no.yaml is not a file" in message
     args = bench._arguments(["--methods", "ti+lora", "--seeds", "42,7", "--min-shape-iou", "0.4"])
     assert (args.methods, args.seeds, args.min_shape_iou) == ("ti+lora", "42,7", 0.4)
+    # the table's steps are the steps trained: a --set override, else --max-steps, else the config's
+    assert bench._trained_steps("ti+lora", args) == 1500
+    args = bench._arguments(["--methods", "ti+lora", "--set", "max_steps=2e3", "--max-steps", "900"])
+    assert bench._trained_steps("ti+lora", args) == 2000
+    assert bench._trained_steps("ti+lora", bench._arguments(["--max-steps", "900"])) == 900
 
 
 def test_quality_bench_table_adds_a_mean_row_per_seeded_method():

@@ -138,31 +138,37 @@ STYLE_TRANSFER_SCENES = tuple(
 )
 
 
-def load_pipeline(base: Path, folder: Path | None, concept: Concept, method: str | None):
-    """The base model as a pipeline, with the embedding and/or LoRA that `method` wrote to `folder` (under the
-    world configs' file names) loaded by diffusers' own loaders; `method` None gives the base alone."""
+def base_pipeline(base: Path):
+    """The base model as diffusers' own pipeline for its family (SD1 or SDXL), with the benchmark's sampler."""
     xl = (Path(base) / "text_encoder_2").is_dir()
     pipeline_class = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
     options = models.without_safety_checker(pipeline_class)
     pipe = pipeline_class.from_pretrained(base, torch_dtype=torch.float32, **options)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_embedding(pipe, path: Path, token: str) -> None:
+    """Loads an sdtune embedding file with diffusers' own loader: one call for SD1, one per text encoder for SDXL
+    (diffusers' way for SDXL embeddings, docs/formats.md#sdxl)."""
+    if not isinstance(pipe, StableDiffusionXLPipeline):
+        pipe.load_textual_inversion(str(path), token=token)
+        return
+    state = load_file(str(path))
+    encoders = (("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2"))
+    for key, encoder, tokenizer in encoders:
+        pipe.load_textual_inversion(
+            state[key], token=token, text_encoder=getattr(pipe, encoder), tokenizer=getattr(pipe, tokenizer)
+        )
+
+
+def load_pipeline(base: Path, folder: Path | None, concept: Concept, method: str | None):
+    """The base model as a pipeline, with the embedding and/or LoRA that `method` wrote to `folder` (under the
+    world configs' file names) loaded by diffusers' own loaders; `method` None gives the base alone."""
+    pipe = base_pipeline(base)
     if method in ("ti", "ti+lora"):
-        path = folder / f"{concept.placeholder.strip('<>')}.safetensors"
-        if xl:  # diffusers' way for SDXL embeddings: one call per text encoder (docs/formats.md#sdxl)
-            state = load_file(str(path))
-            for key, encoder, tokenizer in (
-                ("clip_l", "text_encoder", "tokenizer"),
-                ("clip_g", "text_encoder_2", "tokenizer_2"),
-            ):
-                pipe.load_textual_inversion(
-                    state[key],
-                    token=concept.placeholder,
-                    text_encoder=getattr(pipe, encoder),
-                    tokenizer=getattr(pipe, tokenizer),
-                )
-        else:
-            pipe.load_textual_inversion(str(path), token=concept.placeholder)
+        load_embedding(pipe, folder / f"{concept.placeholder.strip('<>')}.safetensors", concept.placeholder)
     if method in ("lora", "ti+lora"):
         name = f"{concept.placeholder.strip('<>')}_lora" if method == "ti+lora" else concept.name
         pipe.load_lora_weights(str(folder / f"{name}.safetensors"))
