@@ -150,16 +150,19 @@ def base_pipeline(base: Path):
 
 
 def load_embedding(pipe, path: Path, token: str) -> None:
-    """Loads an sdtune embedding file with diffusers' own loader: one call for SD1, one per text encoder for SDXL
-    (diffusers' way for SDXL embeddings, docs/formats.md#sdxl)."""
-    if not isinstance(pipe, StableDiffusionXLPipeline):
+    """Loads an sdtune embedding file with diffusers' own loader: from the file for a one-encoder family, one call
+    per text encoder (the family record's keys and attributes) for SDXL (diffusers' way, docs/formats.md#sdxl)."""
+    encoders = family_of(pipe).text_encoders
+    if len(encoders) == 1:
         pipe.load_textual_inversion(str(path), token=token)
         return
     state = load_file(str(path))
-    encoders = (("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2"))
-    for key, encoder, tokenizer in encoders:
+    for spec in encoders:
         pipe.load_textual_inversion(
-            state[key], token=token, text_encoder=getattr(pipe, encoder), tokenizer=getattr(pipe, tokenizer)
+            state[spec.embedding_key],
+            token=token,
+            text_encoder=getattr(pipe, spec.component),
+            tokenizer=getattr(pipe, spec.tokenizer),
         )
 
 
