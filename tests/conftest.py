@@ -12,6 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one torch thread per pytest-xdist worker: the workers share the cores
     import torch
 
+    os.environ["OMP_NUM_THREADS"] = "1"  # and per process a test starts (CLI runs, the benchmarks' children)
+
     torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -77,21 +77,23 @@ def test_bench_train_reads_the_steady_step_time_from_the_trainers_scalars(tmp_pa
 
 
 def test_the_reference_benchmark_sees_a_deliberately_slowed_step(tmp_path, monkeypatch):
-    """sdtune and the reference loop on the tiny model; then sdtune with 150 ms slept in every step: the benchmark
-    must report that step as 150 ms slower and the ratio to the reference as higher by that much."""
+    """sdtune and the reference loop on the tiny model; then sdtune with 400 ms slept in every step: the benchmark
+    must report that step as 400 ms slower (plus at most the plain step again: the suite's other worker can slow the
+    compute part) and the ratio to the reference as higher."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     bench = _tool("bench_train")
     argv = ["--reference", "--preset", "tiny", "--resolution", "32", "--steps", "9", "--warmup", "3"]
     argv += ["--repeats", "1", "--methods", "lora", "--rank", "2", "--json", str(tmp_path / "r.json")]
     (plain,) = bench.main(argv)
-    (slowed,) = bench.main([*argv, "--slow-ms", "150"])
+    (slowed,) = bench.main([*argv, "--slow-ms", "400"])
     assert "error" not in plain and "error" not in slowed, (plain, slowed)
     added = slowed["sdtune_seconds_per_step"] - plain["sdtune_seconds_per_step"]
-    assert added == pytest.approx(0.150, abs=0.06)
-    reference = slowed["reference_seconds_per_step"]
-    assert slowed["ratio_seconds_per_step"] - plain["ratio_seconds_per_step"] == pytest.approx(
-        0.150 / reference, rel=0.6
-    )
+    # a benchmark that missed the sleep, or counted it twice, falls outside these bounds
+    assert 0.400 - 0.05 < added < 0.400 + plain["sdtune_seconds_per_step"], (plain, slowed)
+    for row in (plain, slowed):  # the ratio is sdtune over the reference measured in the same alternation
+        ratio = row["sdtune_seconds_per_step"] / row["reference_seconds_per_step"]
+        assert row["ratio_seconds_per_step"] == pytest.approx(ratio)
+    assert slowed["ratio_seconds_per_step"] > plain["ratio_seconds_per_step"] + 0.5
     assert json.loads((tmp_path / "r.json").read_text())["results"][0]["method"] == "lora"
     for row in (plain, slowed):
         assert row["sdtune_peak_mib"] > 100 and row["reference_peak_mib"] > 100
