@@ -19,6 +19,7 @@ editability per unseen background. Comparing settings (a single run's editabilit
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -80,7 +81,7 @@ def run_one(method: str | None, concept: quality.Concept, args, seed: int | None
     settings = list(args.set) + ([f"seed={seed}"] if seed is not None else [])
     suffix = "" if seed is None else f"-s{seed}"
     if method is not None:
-        folder = args.work / f"{concept.name}-{method.replace('+', '_')}{suffix}"
+        folder = _work_folder(method, concept, seed, args)
         timing = train_method(method, concept, folder, args.base, args.max_steps, settings, args.config)
     pipe = quality.load_pipeline(args.base, folder, concept, method)
     scores, images = quality.measure(pipe, concept, method=method)
@@ -90,6 +91,18 @@ def run_one(method: str | None, concept: quality.Concept, args, seed: int | None
     row = {"concept": concept.name, "method": label, "steps": steps, **scores, **timing, **_file_stats(folder)}
     row["editability_by_background"] = quality.editability_by_background(images, concept)
     return {**row, "seed": seed, "settings": " ".join(settings) if method else ""}
+
+
+def _work_folder(method: str, concept: quality.Concept, seed: int | None, args) -> Path:
+    """Where one run trains: per concept, method and seed, plus a digest of what else changes the run (`--set`,
+    `--config`, `--max-steps`), so that runs comparing settings never meet an earlier run's folder (which
+    `sdtune train` refuses)."""
+    name = f"{concept.name}-{method.replace('+', '_')}" + ("" if seed is None else f"-s{seed}")
+    variant = [*args.set, *([f"config={args.config}"] if args.config else [])]
+    variant += [f"max_steps={args.max_steps}"] if args.max_steps else []
+    if variant:
+        name += "-" + hashlib.sha1("\n".join(variant).encode()).hexdigest()[:8]
+    return args.work / name
 
 
 def _trained_steps(method: str, args) -> int:

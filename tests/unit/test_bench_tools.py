@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
@@ -34,10 +35,22 @@ def test_quality_bench_refuses_bad_arguments_before_training(capsys, tmp_path):
     args = bench._arguments(["--methods", "ti+lora", "--seeds", "42,7", "--min-shape-iou", "0.4"])
     assert (args.methods, args.seeds, args.min_shape_iou) == ("ti+lora", "42,7", 0.4)
     # the table's steps are the steps trained: a --set override, else --max-steps, else the config's
-    assert bench._trained_steps("ti+lora", args) == 1500
-    args = bench._arguments(["--methods", "ti+lora", "--set", "max_steps=2e3", "--max-steps", "900"])
-    assert bench._trained_steps("ti+lora", args) == 2000
+    configured = yaml.safe_load((TOOLS.parent / "configs" / "world_ti_lora.yaml").read_text(encoding="utf-8"))
+    assert bench._trained_steps("ti+lora", args) == configured["max_steps"]
+    args = bench._arguments(["--methods", "ti+lora", "--set", "max_steps=2.5e3", "--max-steps", "900"])
+    assert bench._trained_steps("ti+lora", args) == 2500
     assert bench._trained_steps("ti+lora", bench._arguments(["--max-steps", "900"])) == 900
+    # runs with other overrides train into other folders: `sdtune train` refuses a folder that holds another run
+    concept = bench.quality.concept_by_name("red_star")
+    plain = bench._work_folder("ti+lora", concept, 42, bench._arguments(["--work", str(tmp_path)]))
+    assert plain == tmp_path / "red_star-ti_lora-s42"
+    varied = [["--set", "max_steps=2000"], ["--set", "max_steps=2000", "--set", "prior_loss_weight=2"]]
+    varied += [["--max-steps", "40"]]
+    folders = {
+        bench._work_folder("ti+lora", concept, 42, bench._arguments(["--work", str(tmp_path), *v])) for v in varied
+    }
+    assert len(folders) == 3 and plain not in folders
+    assert all(folder.name.startswith("red_star-ti_lora-s42-") for folder in folders)
 
 
 def test_quality_bench_table_adds_a_mean_row_per_seeded_method():
