@@ -91,8 +91,8 @@ def test_bench_train_reads_the_steady_step_time_from_the_trainers_scalars(tmp_pa
 
 def test_the_reference_benchmark_sees_a_deliberately_slowed_step(tmp_path, monkeypatch):
     """sdtune and the reference loop on the tiny model; then sdtune with 400 ms slept in every step: the benchmark
-    must report that step as 400 ms slower (plus at most the plain step again: the suite's other worker can slow the
-    compute part) and the ratio to the reference as higher."""
+    must report that step as about 400 ms slower (counted once, not missed nor twice) and the ratio to the reference
+    as higher."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     bench = _tool("bench_train")
     argv = ["--reference", "--preset", "tiny", "--resolution", "32", "--steps", "9", "--warmup", "3"]
@@ -101,8 +101,9 @@ def test_the_reference_benchmark_sees_a_deliberately_slowed_step(tmp_path, monke
     (slowed,) = bench.main([*argv, "--slow-ms", "400"])
     assert "error" not in plain and "error" not in slowed, (plain, slowed)
     added = slowed["sdtune_seconds_per_step"] - plain["sdtune_seconds_per_step"]
-    # a benchmark that missed the sleep, or counted it twice, falls outside these bounds
-    assert 0.400 - 0.05 < added < 0.400 + plain["sdtune_seconds_per_step"], (plain, slowed)
+    # a benchmark that missed the sleep (~0) or counted it twice (~0.8 s) falls outside these bounds; the margin
+    # above is wide because the suite's other worker can slow the compute part of the step (0.04 s -> 0.1 s seen)
+    assert 0.400 - 0.05 < added < 0.600, (plain, slowed)
     for row in (plain, slowed):  # the ratio is sdtune over the reference measured in the same alternation
         ratio = row["sdtune_seconds_per_step"] / row["reference_seconds_per_step"]
         assert row["ratio_seconds_per_step"] == pytest.approx(ratio)
