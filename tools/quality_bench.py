@@ -8,7 +8,9 @@ then the outputs are loaded with diffusers' own loaders and scored with the worl
 - editability: the same prompt on backgrounds no training image shows,
 - prior: base prompts (held-in and unseen combinations) that the personalization must not break.
 Writes `<out>/quality.json`, `<out>/quality.md` (the table) and one grid per method and concept; each row also holds
-editability per unseen background. Comparing settings (a single run's editability moves by +-0.25 between seeds):
+editability per unseen background. `--rescore` scores the runs an earlier command left in `--work` again (e.g. with
+a larger `--per-background`) instead of training them. Comparing settings (one run's editability moves by up to
+0.25 between seeds):
 
     python tools/quality_bench.py --methods lora --concepts red_star --seeds 42,7,123 --per-background 8 \
         --no-baseline [--config my_variant.yaml] [--set KEY=VALUE ...] --out /tmp/q
@@ -82,7 +84,10 @@ def run_one(method: str | None, concept: quality.Concept, args, seed: int | None
     suffix = "" if seed is None else f"-s{seed}"
     if method is not None:
         folder = _work_folder(method, concept, seed, args)
-        timing = train_method(method, concept, folder, args.base, args.max_steps, settings, args.config)
+        if args.rescore:
+            timing = _finished_run(folder)
+        else:
+            timing = train_method(method, concept, folder, args.base, args.max_steps, settings, args.config)
     pipe = quality.load_pipeline(args.base, folder, concept, method)
     scores, images = quality.measure(pipe, concept, method=method)
     label = method or "untrained"
@@ -91,6 +96,21 @@ def run_one(method: str | None, concept: quality.Concept, args, seed: int | None
     row = {"concept": concept.name, "method": label, "steps": steps, **scores, **timing, **_file_stats(folder)}
     row["editability_by_background"] = quality.editability_by_background(images, concept)
     return {**row, "seed": seed, "settings": " ".join(settings) if method else ""}
+
+
+def _finished_run(folder: Path) -> dict:
+    """The timing fields of a run `--rescore` reuses (unknown: it trained in an earlier command), after checking that
+    `folder` holds a finished run (its `sdtune-run.json` and every output it lists)."""
+    record = folder / "sdtune-run.json"
+    outputs = json.loads(record.read_text(encoding="utf-8")).get("outputs", []) if record.is_file() else []
+    missing = [name for name in outputs if not (folder / name).is_file()]
+    if not outputs or missing:
+        what = "missing " + ", ".join(missing) if missing else "no outputs"
+        raise SystemExit(
+            f"--rescore: {folder} holds no finished run ({what}); train it first with the same --work, --seeds, "
+            "--set, --config and --max-steps, without --rescore"
+        )
+    return {"cpu_seconds": None, "wall_seconds": None}
 
 
 def _work_folder(method: str, concept: quality.Concept, seed: int | None, args) -> Path:
@@ -128,9 +148,14 @@ def _seed_means(rows: list[dict]) -> list[dict]:
             groups.setdefault((row["concept"], row["method"]), []).append(row)
     means = []
     for group in (g for g in groups.values() if len(g) > 1):
-        mean = {key: sum(r[key] for r in group) / len(group) for key in MEAN_KEYS}
+        mean = {key: _mean([r[key] for r in group]) for key in MEAN_KEYS}
         means.append({**group[0], **mean, "seed": f"mean of {len(group)}"})
     return means
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """The mean, or None where a value is unknown (CPU time of a rescored run)."""
+    return None if None in values else sum(values) / len(values)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -143,9 +168,11 @@ def markdown_table(rows: list[dict]) -> str:
     ]
     for r in rows + _seed_means(rows):
         seed = f"{r['seed'] if r.get('seed') is not None else '—'} | " if seeded else ""
+        cpu = "—" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.0f}"  # None: rescored, trained earlier
         lines.append(
             f"| {r['concept']} | {r['method']} | {seed}{r['steps']} | {r['fidelity']:.2f} | {r['editability']:.2f} | "
-            f"{r['prior']:.2f} | {r['cpu_seconds']:.0f} | {r['trainable_parameters']:,} | "
+            f"{r['prior']:.2f} | {cpu} | "
+            f"{r['trainable_parameters']:,} | "
             f"{r['file_bytes'] / 1024:.0f} KiB |"
         )
     return "\n".join(lines) + "\n"
@@ -171,6 +198,12 @@ def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
         "--min-shape-iou", type=float, default=0.0, help="shapes count from this template IoU (0.4: no scribbles)"
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the untrained rows")
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score the runs an earlier command trained in --work (same --seeds, --set, --config, --max-steps) "
+        "instead of training: e.g. more images per background on the same files",
+    )
     args = parser.parse_args(argv)
     problems = _argument_problems(args)
     if problems:

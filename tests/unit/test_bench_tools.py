@@ -53,6 +53,21 @@ def test_quality_bench_refuses_bad_arguments_before_training(capsys, tmp_path):
     assert all(folder.name.startswith("red_star-ti_lora-s42-") for folder in folders)
 
 
+def test_quality_bench_rescore_reuses_only_finished_runs(tmp_path):
+    bench = _tool("quality_bench")
+    folder = tmp_path / "red_star-ti_lora-s42"
+    with pytest.raises(SystemExit, match=r"--rescore: .*red_star-ti_lora-s42 holds no finished run \(no outputs\)"):
+        bench._finished_run(folder)
+    folder.mkdir()
+    (folder / "sdtune-run.json").write_text(json.dumps({"outputs": ["star.safetensors", "star_lora.safetensors"]}))
+    (folder / "star.safetensors").write_bytes(b"x")
+    with pytest.raises(SystemExit, match=r"missing star_lora.safetensors\); train it first with the same --work"):
+        bench._finished_run(folder)
+    (folder / "star_lora.safetensors").write_bytes(b"x")
+    assert bench._finished_run(folder) == {"cpu_seconds": None, "wall_seconds": None}
+    assert bench._arguments(["--rescore"]).rescore and not bench._arguments([]).rescore
+
+
 def test_quality_bench_table_adds_a_mean_row_per_seeded_method():
     bench = _tool("quality_bench")
     common = {"concept": "red_star", "steps": 1500, "trainable_parameters": 43040, "file_bytes": 113200}
@@ -69,6 +84,10 @@ def test_quality_bench_table_adds_a_mean_row_per_seeded_method():
     assert table[2].startswith("| red_star | untrained | — | 1500 | 0.00 | 0.00 | 1.00 | 0 |")
     assert table[-1] == "| red_star | ti+lora | mean of 2 | 1500 | 0.90 | 0.75 | 0.95 | 650 | 43,040 | 111 KiB |"
     assert len(table) == 2 + 3 + 1
+    # a rescored run's CPU time is unknown (it trained in an earlier command): a dash, and a dash for the mean
+    rescored = bench.markdown_table([{**r, "cpu_seconds": None} for r in rows[1:]]).splitlines()
+    assert rescored[2].startswith("| red_star | ti+lora | 42 | 1500 | 1.00 | 0.50 | 0.90 | — |")
+    assert rescored[-1].startswith("| red_star | ti+lora | mean of 2 | 1500 | 0.90 | 0.75 | 0.95 | — |")
     unseeded = bench.markdown_table([{**rows[1], "seed": None}]).splitlines()
     assert unseeded[0].startswith("| concept | method | steps |") and len(unseeded) == 3
 
