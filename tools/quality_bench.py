@@ -240,6 +240,11 @@ def main() -> None:
     quality.SEEDS_PER_BACKGROUND = args.per_background
     quality.MIN_SHAPE_IOU = args.min_shape_iou
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
+    if args.rescore:  # every folder is checked before anything is scored: a missing run fails in seconds
+        for concept in args.concepts.split(","):
+            for method in args.methods.split(","):
+                for seed in seeds:
+                    _finished_run(_work_folder(method, quality.concept_by_name(concept), seed, args))
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for concept in map(quality.concept_by_name, args.concepts.split(",")):
