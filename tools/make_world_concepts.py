@@ -1,18 +1,20 @@
 """Writes the personalization concepts of the synthetic world into sample_data/world/ (8 images + metadata.csv each).
 
     python tools/make_world_concepts.py
+    python tools/make_world_concepts.py --style-regularization DIR   # the style set's flat twins (reg images)
 
 - `red_star`: a shape the base model never saw (outside its span: LoRA territory, TI's negative control).
 - `purple_triangle`: a shape and colour it knows, as one new word (inside its span: TI can learn it).
-- `hollow`: a rendering style it never saw (the shape cut out of its centre), 9 images over 3 shapes, 3 colours
-  and 3 backgrounds, captioned `<hollow> red circle on a yellow background` (and with the plain word `hollow` for a
-  LoRA alone).
+- `hollow`: a rendering style it never saw (the shape cut out of its centre), 12 images over 4 shapes and 6
+  colours (`world.quality.STYLE_TRAIN_SCENES`), captioned `<hollow> red circle on a yellow background` (and with
+  the plain word `hollow` for a LoRA alone).
 Captions name the concept with a one-token placeholder, `a <star> on a blue background`. Training backgrounds are
 `world.quality.TRAIN_BACKGROUNDS`; the others are kept for measuring editability.
 """
 
 from __future__ import annotations
 
+import argparse
 import random
 from pathlib import Path
 
@@ -55,7 +57,30 @@ def write_style(style: quality.StyleConcept = quality.STYLE, seed: int = 0) -> P
     return folder
 
 
+def write_style_regularization(folder: Path, seed: int = 1) -> Path:
+    """Renders the style set's scenes flat, captioned without a trigger (`a red circle on a yellow background`, in
+    both caption columns): regularization images that pair every style image with its content in the base look, so
+    that only the trigger tells the two apart (`reg_data_dir`; docs/quality.md#results)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, rows = random.Random(seed), []
+    for scene in quality.STYLE_TRAIN_SCENES:
+        flat = world.Scene(scene.shape, scene.color, scene.background)
+        file_name = f"flat_{scene.color}_{scene.shape}_{scene.background}.png"
+        world.render_jittered(flat, rng).save(folder / file_name)
+        rows.append({"file_name": file_name, "text": flat.caption(), quality.WORD_COLUMN: flat.caption()})
+    data.write_metadata(folder, rows, ("file_name", "text", quality.WORD_COLUMN))
+    return folder
+
+
 if __name__ == "__main__":
-    for concept in quality.CONCEPTS:
-        print(f"wrote {write_concept(concept)}")
-    print(f"wrote {write_style()}")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--style-regularization", type=Path, help="instead: write the style set's flat twins to this folder"
+    )
+    args = parser.parse_args()
+    if args.style_regularization:
+        print(f"wrote {write_style_regularization(args.style_regularization)}")
+    else:
+        for concept in quality.CONCEPTS:
+            print(f"wrote {write_concept(concept)}")
+        print(f"wrote {write_style()}")

@@ -193,3 +193,59 @@ def test_composition_scores_count_identity_and_style_separately():
     assert quality.composition_scores(right, scenes) == {"both": 1.0, "identity": 1.0, "style": 1.0}
     assert quality.composition_scores(flat, scenes) == {"both": 0.0, "identity": 1.0, "style": 0.0}
     assert quality.composition_scores(other, scenes) == {"both": 0.0, "identity": 0.0, "style": 1.0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Candidate style renderings for the VAE check (tools/world_vae_check.py)
+
+
+def test_vae_check_renderings_draw_what_they_name():
+    """Each candidate style puts its colours where docs/quality.md says (the VAE table is only as good as these)."""
+    import world_vae_check as check
+
+    scene = world.Scene("square", "red", "blue")
+    red, blue, black = (np.array(world.COLORS[c], np.float32) for c in ("red", "blue", "black"))
+    flat = check.render(scene, "flat")
+    assert np.allclose(flat[16, 16], red, atol=1) and np.allclose(flat[1, 1], blue, atol=1)
+    pastel = check.render(scene, "pastel")
+    assert np.allclose(pastel[16, 16], red + 0.5 * (255 - red), atol=1)
+    frame = check.render(scene, "frame")
+    assert np.allclose(frame[1, 16], black) and np.allclose(frame[3, 16], black)
+    assert np.allclose(frame[4, 4], blue, atol=2)
+    outline = check.render(scene, "outline")  # the square's edge (half side 0.82 * 11.5 ~ 9.4 px) is accent
+    assert np.allclose(outline[16, 16], red, atol=1) and np.allclose(outline[16, 16 + 8], black, atol=1)
+    ground = check.render(scene, "ground")
+    assert np.allclose(ground[30, 1], black) and np.allclose(ground[1, 1], blue) and np.allclose(ground[16, 16], red)
+    shade = check.render(scene, "shade")
+    assert np.allclose(shade[12, 16], red, atol=1) and np.allclose(shade[20, 16], black, atol=1)
+    hollow = np.asarray(world.render(world.Scene(scene.shape, scene.color, scene.background, "hollow")), np.float32)
+    assert np.array_equal(check.render(scene, "hollow"), hollow)
+
+
+def test_vae_check_leaves_out_scenes_in_the_accent_colour():
+    import world_vae_check as check
+
+    assert len(check.scenes_for("flat")) == len(world.all_scenes()) == 280
+    assert all(check.ACCENT not in (s.color, s.background) for s in check.scenes_for("outline"))
+    assert len(check.scenes_for("outline")) == 5 * 7 * 6
+
+
+def test_world_attention_shares_sum_to_one_and_a_trigger_of_a_moves_nothing():
+    """tools/world_attention.py, on the shipped world model: the per-token shares and the padding's are the whole
+    attention, and `a` in the place of `a` is no trigger at all (the zero the docs' trigger numbers compare with)."""
+    import world_attention
+
+    from world import quality
+
+    models = world_attention.load(REPO_ROOT / "sample_data" / "world-sd1")
+    tokens, padding = world_attention.attention_shares(models, "hollow red circle on a yellow background")
+    assert [token for token, _ in tokens][1:3] == ["hollow</w>", "red</w>"]
+    assert sum(share for _, share in tokens) + padding == pytest.approx(1.0, abs=1e-4)
+    scenes = quality.STYLE_TRAIN_SCENES[:3]
+    none = world_attention.trigger_effect(models, "a", scenes)
+    assert none["trigger, own position"] == pytest.approx(0, abs=1e-4) and none["trigger, padding"] == pytest.approx(
+        0, abs=1e-3
+    )
+    assert none["content change, padding"] > 1
+    suffix = world_attention.trigger_effect(models, "hollow", scenes, suffix=True)
+    assert "trigger, own position" not in suffix and suffix["trigger, padding"] > 1
