@@ -249,3 +249,22 @@ def test_world_attention_shares_sum_to_one_and_a_trigger_of_a_moves_nothing():
     assert none["content change, padding"] > 1
     suffix = world_attention.trigger_effect(models, "hollow", scenes, suffix=True)
     assert "trigger, own position" not in suffix and suffix["trigger, padding"] > 1
+
+
+def test_style_regularization_images_are_the_style_sets_scenes_drawn_flat(tmp_path):
+    """`make_world_concepts.py --style-regularization`: one flat twin per style-set scene, captioned without a
+    trigger in both caption columns, and read back by the metric as exactly that scene, flat."""
+    import csv
+
+    import make_world_concepts
+    from PIL import Image
+
+    from world import quality
+
+    folder = make_world_concepts.write_style_regularization(tmp_path / "reg")
+    with open(folder / "metadata.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    scenes = [world.Scene(s.shape, s.color, s.background) for s in quality.STYLE_TRAIN_SCENES]
+    assert [row["text"] for row in rows] == [row[quality.WORD_COLUMN] for row in rows] == [s.caption() for s in scenes]
+    images = [Image.open(folder / row["file_name"]).convert("RGB") for row in rows]
+    assert world.score(images, scenes)["all"] == 1.0
