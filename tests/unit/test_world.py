@@ -179,6 +179,11 @@ def test_style_trigger_takes_the_place_of_the_first_word():
     assert not any(
         "caption_column" in o for o in quality.train_overrides("ti", quality.STYLE, Path("b"), Path("d"), Path("o"))
     )
+    # the LoRA file is named for what `load_pipeline` reads, even when `--set train_data_dir=` points elsewhere
+    assert "output_name=hollow" in quality.train_overrides("lora", quality.STYLE, Path("b"), Path("d"), Path("o"))
+    assert not any(
+        "output_name" in o for o in quality.train_overrides("ti+lora", quality.STYLE, Path("b"), Path("d"), Path("o"))
+    )
 
 
 def test_composition_scores_count_identity_and_style_separately():

@@ -185,6 +185,8 @@ def train_overrides(
     overrides = [f"base_model={base}", f"train_data_dir={data_dir / concept.name}", f"output_dir={out}"]
     if isinstance(concept, StyleConcept) and method == "lora":
         overrides.append(f"caption_column={WORD_COLUMN}")
+    if method == "lora":  # the name `load_pipeline` reads, whatever folder a `--set train_data_dir=...` points at
+        overrides.append(f"output_name={concept.name}")
     if method != "lora":
         overrides += [f"placeholder_token={concept.placeholder}", f"init_word={concept.init_word}"]
     if max_steps:
