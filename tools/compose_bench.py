@@ -30,7 +30,7 @@ def diffusers_pipeline(args, style_weight: float, identity_weight: float):
     pipe = quality.base_pipeline(args.base)
     quality.load_embedding(pipe, args.identity, args.identity_concept.placeholder)
     if args.style_embedding:
-        quality.load_embedding(pipe, args.style_embedding, quality.STYLE.placeholder)
+        quality.load_embedding(pipe, args.style_embedding, args.style_concept.placeholder)
     names, weights = ["style"], [style_weight]
     pipe.load_lora_weights(str(args.style), adapter_name="style")
     if args.identity_lora:
@@ -46,7 +46,7 @@ def sdtune_images(args, prompts: list[str]) -> list:
     pipe.add_embedding(args.identity, token=args.identity_concept.placeholder)
     pipe.add_lora(args.style, name="style")
     if args.style_embedding:
-        pipe.add_embedding(args.style_embedding, token=quality.STYLE.placeholder)
+        pipe.add_embedding(args.style_embedding, token=args.style_concept.placeholder)
     if args.identity_lora:
         pipe.add_lora(args.identity_lora, name="identity")
     seeds = list(range(len(prompts)))
@@ -56,7 +56,7 @@ def sdtune_images(args, prompts: list[str]) -> list:
 def rows(args) -> list[dict]:
     """One row per route and weight pair: both / identity / style fractions."""
     method = "ti+lora" if args.style_embedding else "lora"
-    scenes, prompts = quality.composition_scenes(args.identity_concept, quality.STYLE, method)
+    scenes, prompts = quality.composition_scenes(args.identity_concept, args.style_concept, method)
     images = sdtune_images(args, prompts)
     quality.save_grid(images, args.out / "compose-sdtune.png", columns=8)
     result = [{"route": "sdtune AdapterPipeline", "style_weight": 1.0, "identity_weight": 1.0}]
@@ -95,6 +95,9 @@ def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--identity-lora", type=Path, help="the identity's LoRA, for a TI+LoRA identity")
     parser.add_argument("--style", type=Path, required=True, help="the style LoRA (.safetensors)")
     parser.add_argument("--style-embedding", type=Path, help="the style's embedding, for a TI+LoRA style")
+    parser.add_argument(
+        "--style-concept", default="hollow", help="which world style it draws (hollow_adjective: trigger after `a`)"
+    )
     parser.add_argument("--weights", default="0.5,0.75,1.0", help="LoRA weights to sweep")
     parser.add_argument("--per-background", type=int, default=quality.SEEDS_PER_BACKGROUND)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "quality" / "composition")
@@ -112,9 +115,13 @@ def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
     names = [c.name for c in quality.CONCEPTS]
     if args.identity_concept not in names:
         problems.append(f"--identity-concept: {args.identity_concept} unknown; choose from {', '.join(names)}")
+    styles = [c.name for c in quality.STYLES]
+    if args.style_concept not in styles:
+        problems.append(f"--style-concept: {args.style_concept} unknown; choose from {', '.join(styles)}")
     if problems:
         parser.error("; ".join(problems))
     args.identity_concept = quality.concept_by_name(args.identity_concept)
+    args.style_concept = quality.concept_by_name(args.style_concept)
     return args
 
 

@@ -7,7 +7,8 @@
 - `purple_triangle`: a shape and colour it knows, as one new word (inside its span: TI can learn it).
 - `hollow`: a rendering style it never saw (the shape cut out of its centre), 12 images over 4 shapes and 6
   colours (`world.quality.STYLE_TRAIN_SCENES`), captioned `<hollow> red circle on a yellow background` (and with
-  the plain word `hollow` for a LoRA alone).
+  the plain word `hollow` for a LoRA alone); `hollow_adjective`: the same images captioned `a <hollow> red circle
+  on a yellow background`, for a base that knows `a small red circle ...` (`pretrain_world.py --small-per-scene`).
 Captions name the concept with a one-token placeholder, `a <star> on a blue background`. Training backgrounds are
 `world.quality.TRAIN_BACKGROUNDS`; the others are kept for measuring editability.
 """
@@ -83,4 +84,5 @@ if __name__ == "__main__":
     else:
         for concept in quality.CONCEPTS:
             print(f"wrote {write_concept(concept)}")
-        print(f"wrote {write_style()}")
+        for style in quality.STYLES:
+            print(f"wrote {write_style(style)}")

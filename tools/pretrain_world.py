@@ -35,8 +35,8 @@ import world
 from sdtune import models
 from world import quality
 
-CAPTION_TEMPLATE = "a {color} {shape} on a {background} background"
-NO_COLOR_TEMPLATE = "a {shape} on a {background} background"
+CAPTION_TEMPLATE = "a {size}{color} {shape} on a {background} background"
+NO_COLOR_TEMPLATE = "a {size}{shape} on a {background} background"
 UNET_CONFIG = {
     **models.TINY_CONFIGS["unet"],
     "sample_size": 16,
@@ -134,7 +134,8 @@ def caption_for(scene: world.Scene, rng: random.Random) -> str:
     if draw < 0.10:
         return ""
     template = NO_COLOR_TEMPLATE if draw < 0.25 else CAPTION_TEMPLATE
-    return template.format(color=scene.color, shape=scene.shape, background=scene.background)
+    size = "small " if scene.style == "small" else ""
+    return template.format(size=size, color=scene.color, shape=scene.shape, background=scene.background)
 
 
 def _ema_update(ema: list[torch.Tensor], params: list[torch.nn.Parameter], decay: float) -> None:
@@ -275,7 +276,7 @@ def train_denoiser(run: DenoiserRun, vae, held_in, unseen, scheduler_config: dic
         text_encoders, unet = run.ema_models()
         components = {**run.tokenizers, **text_encoders, "unet": unet, "vae": vae}
         pipe = quality.world_pipeline(run.family, components, scheduler_config)
-        scores = evaluate_model(pipe, held_in, unseen, run.args.seed)
+        scores = evaluate_model(pipe, held_in, unseen, run.args.seed, small=run.args.small_per_scene > 0)
         rank = scores["held_in"]["all"] + scores["unseen"]["all"]
         print(
             f"step {run.step}: held-in {scores['held_in']['all']:.3f}, unseen {scores['unseen']['all']:.3f}",
@@ -286,17 +287,40 @@ def train_denoiser(run: DenoiserRun, vae, held_in, unseen, scheduler_config: dic
     return best[1:]
 
 
-def evaluate_model(pipe, held_in: list[world.Scene], unseen: list[world.Scene], seed: int) -> dict:
-    """Held-in, unseen-combination and colour-less ("a star on a blue background") prompt scores."""
+def evaluate_model(
+    pipe, held_in: list[world.Scene], unseen: list[world.Scene], seed: int, small: bool = False
+) -> dict:
+    """Held-in, unseen-combination and colour-less ("a star on a blue background") prompt scores; with `small`, also
+    `small_score` of 48 held-in scenes prompted small."""
     sample = random.Random(seed).sample(held_in, 96)
     short = [world.Scene(s.shape, s.color, s.background) for s in sample[:48]]
     short_prompts = [f"a {s.shape} on a {s.background} background" for s in short]
     short_scores = world.score(quality.generate(pipe, short_prompts, seed=seed + 7), short)
-    return {
+    scores = {
         "held_in": quality.evaluate(pipe, sample, seed=seed),
         "unseen": quality.evaluate(pipe, unseen, seed=seed + 1000),
         "no_color_word": {"shape": short_scores["shape"], "background": short_scores["background"]},
     }
+    if small:
+        scenes = [world.Scene(s.shape, s.color, s.background, "small") for s in sample[48:]]
+        scores["small"] = small_score(quality.generate(pipe, [s.caption() for s in scenes], seed=seed + 2000), scenes)
+    return scores
+
+
+SMALL_AREA = (12, 100)  # object pixels of a small shape (radius 3.6-4.4: 25-60) against 150-300 at full size
+
+
+def small_score(images: list, scenes: list[world.Scene]) -> dict[str, float]:
+    """Fractions of `a small ...` images with the object's colour and the background right, and the object small
+    (`SMALL_AREA` pixels of it; the metric's shape templates are full-size, so the shape itself is not read)."""
+    readings = [world.read_image(image) for image in images]
+    right = [
+        (r.color == s.color, r.background == s.background, SMALL_AREA[0] <= r.area <= SMALL_AREA[1])
+        for r, s in zip(readings, scenes, strict=True)
+    ]
+    names = ("color", "background", "small")
+    scores = {name: sum(row[i] for row in right) / len(right) for i, name in enumerate(names)}
+    return {**scores, "all": sum(all(row) for row in right) / len(right)}
 
 
 def _score_table(scores: dict) -> str:
@@ -311,6 +335,12 @@ def _score_table(scores: dict) -> str:
         f"| no colour word, 'a circle on a blue background' (48) | — | {short['shape']:.3f} | — | "
         f"{short['background']:.3f} |"
     )
+    if "small" in scores:  # the shape is not read at this size (`small_score`): its column says whether it is small
+        small = scores["small"]
+        lines.append(
+            f"| 'a small red circle on a blue background' (48; shape column: drawn small) | {small['all']:.3f} | "
+            f"{small['small']:.3f} | {small['color']:.3f} | {small['background']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -328,6 +358,14 @@ COMPONENTS = {
 def model_card(args, scores: dict, seconds: float) -> str:
     """The README of the saved model: what it is, how it was made, how well it draws."""
     vae_note = f" --vae-from {args.vae_from}" if getattr(args, "vae_from", None) else ""
+    small = getattr(args, "small_per_scene", 0)
+    vae_note += f" --small-per-scene {small}" if small else ""
+    small_note = (
+        f" Every held-in scene was also drawn small ({small} renders each, the shape at {world.HOLE_SCALE} of its "
+        "radius: the size of the hollow style's hole), captioned `a small red circle on a blue background`."
+        if small
+        else ""
+    )
     family = models.PRESETS[ARCHITECTURES[args.family][0]][0]
     return f"""# {args.out.name}: a small {family.title}-architecture model of a synthetic world
 
@@ -341,7 +379,7 @@ after step {scores["step"]}, the best-scoring of the rounds.
 It knows 32x32 images of one flat shape ({", ".join(world.PRETRAIN_SHAPES)}) in one of 8 colours
 ({", ".join(world.COLORS)}) on another as background, captioned like `a red circle on a blue background`.
 10% of the (shape, colour, background) triples were never trained on; `star` and `heart` never appear: they are the
-personalization concepts. Components: {COMPONENTS[args.family]}, with the real CLIP
+personalization concepts.{small_note} Components: {COMPONENTS[args.family]}, with the real CLIP
 tokenizer. Weights in fp16. Files: this folder (diffusers layout) and `../{args.out.name}.safetensors` (original
 layout).
 
@@ -350,12 +388,12 @@ guidance 3, fixed seeds; the metric is `world.score` in sdtune's tools/world):
 
 {_score_table(scores)}
 
-The last row is the one-token-placeholder check: a prompt one word shorter must still put the background right.
+The no-colour-word row is the one-token-placeholder check: a prompt one word shorter must still put the background
+right.
 """
 
 
-def main() -> None:
-    """Parses arguments, runs the stages, saves the model and its card."""
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("sample_data/world-sd1"))
     parser.add_argument("--family", choices=ARCHITECTURES, default="sd1", help="the architecture to train")
@@ -370,16 +408,33 @@ def main() -> None:
     parser.add_argument(
         "--eval-every", type=int, default=1000, help="score the EMA model every N steps, keep the best"
     )
+    parser.add_argument(
+        "--small-per-scene",
+        type=int,
+        default=0,
+        help="also render every held-in scene this many times small (`a small red circle ...`, the hollow style's "
+        "hole size): a base that knows the pieces a style is made of (docs/quality.md#a-style)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="1 was faster and steadier than 2 on a 2-core machine")
     parser.add_argument(
         "--vae-from", type=Path, help="reuse the VAE of an earlier run's output folder (skips stage 2)"
     )
-    args = parser.parse_args()
+    parser.add_argument("--vae-only", action="store_true", help="train and save the VAE (OUT/vae), then stop")
+    return parser.parse_args()
+
+
+def main() -> None:
+    """Parses arguments, runs the stages, saves the model and its card."""
+    args = _arguments()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     held_in, unseen = world.split_scenes(seed=args.seed)
     pixels, labels = render_dataset(held_in, per_scene=16, seed=args.seed)
+    if args.small_per_scene:
+        small = [world.Scene(s.shape, s.color, s.background, "small") for s in held_in]
+        small_pixels, small_labels = render_dataset(small, per_scene=args.small_per_scene, seed=args.seed + 1)
+        pixels, labels = torch.cat([pixels, small_pixels]), labels + small_labels
     if args.vae_from:
         from diffusers import AutoencoderKL
 
@@ -390,6 +445,10 @@ def main() -> None:
         )
     else:
         vae = train_vae(pixels, args.vae_steps, args.seed)
+    if args.vae_only:  # for `--vae-from` in several denoiser runs that differ in other settings
+        vae.save_pretrained(args.out / "vae")
+        print(f"wrote {args.out / 'vae'}", flush=True)
+        return
     with torch.no_grad():
         dists = [vae.encode(pixels[i : i + 256]).latent_dist for i in range(0, len(pixels), 256)]
     latent_dists = (torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists]))

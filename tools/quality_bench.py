@@ -217,7 +217,7 @@ def _argument_problems(args: argparse.Namespace) -> list[str]:
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         problems.append(f"--methods: {', '.join(unknown)} unknown; choose from {', '.join(METHODS)}")
-    names = [c.name for c in (*quality.CONCEPTS, quality.STYLE)]
+    names = [c.name for c in (*quality.CONCEPTS, *quality.STYLES)]
     unknown = [c for c in args.concepts.split(",") if c not in names]
     if unknown:
         problems.append(f"--concepts: {', '.join(unknown)} unknown; choose from {', '.join(names)}")

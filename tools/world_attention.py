@@ -92,11 +92,12 @@ def _states(models: tuple, prompt: str) -> torch.Tensor:
         return encoder(ids)[0][0]
 
 
-def trigger_effect(models: tuple, trigger: str, scenes, suffix: bool = False) -> dict[str, float]:
-    """How far `trigger` in the place of a caption's first word `a` (or, with `suffix`, after the caption) moves the
-    text encoder's output, against how far a change of content moves it (mean L2 norms over `scenes`, each scene
-    against the next one for content): the trigger's own position, and the padding after the caption, which gets
-    most of the UNet's attention (compared position by position from the end of each caption)."""
+def trigger_effect(models: tuple, trigger: str, scenes, slot: str = "first") -> dict[str, float]:
+    """How far `trigger` in the place of a caption's first word `a` (`slot` "first"; "adjective": after the `a`,
+    where a base that knows sizes reads `small`; "suffix": after the caption) moves the text encoder's output,
+    against how far a change of content moves it (mean L2 norms over `scenes`, each scene against the next one for
+    content): the trigger's own position (first slot only), and the padding after the caption, which gets most of
+    the UNet's attention (compared position by position from the end of each caption)."""
     tokenizer = models[0]
 
     def padding(prompt: str) -> torch.Tensor:
@@ -109,8 +110,12 @@ def trigger_effect(models: tuple, trigger: str, scenes, suffix: bool = False) ->
     own, trigger_padding, content_padding = [], [], []
     for scene, other in zip(scenes, [*scenes[1:], scenes[0]], strict=True):
         caption = scene.caption()
-        triggered = f"{caption} {trigger}" if suffix else trigger + caption.removeprefix("a")
-        if not suffix:
+        triggered = {
+            "first": trigger + caption.removeprefix("a"),
+            "adjective": f"a {trigger}" + caption.removeprefix("a"),
+            "suffix": f"{caption} {trigger}",
+        }[slot]
+        if slot == "first":
             own.append(float((_states(models, triggered)[1] - _states(models, caption)[1]).norm()))
         trigger_padding.append(distance(padding(triggered), padding(caption)))
         content_padding.append(distance(padding(other.caption()), padding(caption)))
@@ -125,7 +130,12 @@ def main() -> None:
     parser.add_argument("prompts", nargs="*", default=list(DEFAULT_PROMPTS))
     parser.add_argument("--base", type=Path, default=Path("sample_data/world-sd1"))
     parser.add_argument("--trigger", help="instead: the state change this word makes in the style set's captions")
-    parser.add_argument("--suffix", action="store_true", help="with --trigger: the word after the caption")
+    parser.add_argument(
+        "--slot",
+        choices=("first", "adjective", "suffix"),
+        default="first",
+        help="with --trigger: where it goes (in the place of `a`, after it, after the caption)",
+    )
     parser.add_argument("--embedding", type=Path, help="with --trigger: the learned embedding of that token")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -133,7 +143,7 @@ def main() -> None:
     if args.embedding:
         add_embedding(models, args.trigger, args.embedding)
     if args.trigger:
-        effect = trigger_effect(models, args.trigger, quality.STYLE_TRAIN_SCENES, args.suffix)
+        effect = trigger_effect(models, args.trigger, quality.STYLE_TRAIN_SCENES, args.slot)
         print(", ".join(f"{name}: {norm:.2f}" for name, norm in effect.items()))
         return
     for prompt in args.prompts:

@@ -137,13 +137,14 @@ def test_compose_bench_refuses_bad_arguments_and_tabulates_rows(capsys, tmp_path
     bench = _tool("compose_bench")
     argv = ["--identity", str(tmp_path / "no.safetensors"), "--style", str(tmp_path / "none.safetensors")]
     with pytest.raises(SystemExit) as exited:
-        bench._arguments([*argv, "--weights", "0.5,x", "--identity-concept", "blue_moon"])
+        bench._arguments([*argv, "--weights", "0.5,x", "--identity-concept", "blue_moon", "--style-concept", "fuzzy"])
     assert exited.value.code == 2
     message = capsys.readouterr().err
     assert "--identity: " in message and "no.safetensors is not a file" in message
     assert "none.safetensors is not a file" in message
     assert "--weights: '0.5,x' is not a comma-separated list of numbers" in message
     assert "--identity-concept: blue_moon unknown; choose from red_star, purple_triangle" in message
+    assert "--style-concept: fuzzy unknown; choose from hollow, hollow_adjective" in message
     rows = [
         {"route": "sdtune AdapterPipeline", "identity_weight": 1.0, "style_weight": 1.0, "both": 0.75,
          "identity": 1.0, "style": 0.75},

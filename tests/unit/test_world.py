@@ -186,6 +186,47 @@ def test_style_trigger_takes_the_place_of_the_first_word():
     )
 
 
+def test_adjective_trigger_stands_where_a_size_word_would():
+    """`hollow_adjective`: for a base that read `a small red circle ...` (pretrain_world.py --small-per-scene), the
+    trigger takes the size word's place, in the prompts, the style set's captions and the composition prompts."""
+    from world import quality
+
+    style = quality.concept_by_name("hollow_adjective")
+    scene = world.Scene("circle", "red", "yellow", "hollow")
+    assert style.prompt(scene, "ti+lora") == "a <hollow> red circle on a yellow background"
+    assert style.prompt(scene, "lora") == "a hollow red circle on a yellow background"
+    assert world.Scene("circle", "red", "yellow", "small").caption() == "a small red circle on a yellow background"
+    rows = (REPO_ROOT / "sample_data" / "world" / "hollow_adjective" / "metadata.csv").read_text("utf-8").splitlines()
+    first = quality.STYLE_TRAIN_SCENES[0]
+    assert rows[1].split(",")[1:] == [style.prompt(first), style.prompt(first, "lora")] and len(rows) == 13
+    identity = quality.concept_by_name("purple_triangle")
+    assert quality.composition_scenes(identity, style)[1][0] == "a hollow <ptri> on a red background"
+    assert quality.composition_scenes(identity, style, "ti+lora")[1][0] == "a <hollow> <ptri> on a red background"
+
+
+def test_small_rendering_is_the_hollow_styles_hole_in_the_objects_colour():
+    """The pieces the hollow style is made of: `small` draws the same shape at the hole's size, and a base trained
+    on both renderings sees `a small ...` captions for it (pretrain_world.caption_for)."""
+    import pretrain_world
+
+    def near(image, color):  # anti-aliased edges: nearer this palette colour than halfway to red or blue
+        return np.abs(np.asarray(image, np.float32) - world.COLORS[color]).sum(axis=2) < 150
+
+    hollow = world.render(world.Scene("square", "red", "blue", "hollow"))
+    small = world.render(world.Scene("square", "red", "blue", "small"))
+    hole = near(hollow, "blue")[8:24, 8:24]  # the centre: the hole is the only blue there
+    assert (near(small, "red")[8:24, 8:24] == hole).mean() > 0.97
+    assert near(small, "blue")[:8].all() and 20 < hole.sum() < 80
+    rng = random.Random(0)
+    captions = {pretrain_world.caption_for(world.Scene("square", "red", "blue", "small"), rng) for _ in range(200)}
+    assert captions == {"", "a small square on a blue background", "a small red square on a blue background"}
+    scenes = [world.Scene(s.shape, s.color, s.background, "small") for s in world.all_scenes()[::7]]
+    small = [world.render_jittered(scene, rng) for scene in scenes]  # the base's `small` score reads these right
+    assert pretrain_world.small_score(small, scenes) == {"color": 1.0, "background": 1.0, "small": 1.0, "all": 1.0}
+    full = [world.render_jittered(world.Scene(s.shape, s.color, s.background), rng) for s in scenes]
+    assert pretrain_world.small_score(full, scenes)["small"] == 0.0  # and full-size ones wrong
+
+
 def test_composition_scores_count_identity_and_style_separately():
     from world import quality
 
@@ -252,8 +293,24 @@ def test_world_attention_shares_sum_to_one_and_a_trigger_of_a_moves_nothing():
         0, abs=1e-3
     )
     assert none["content change, padding"] > 1
-    suffix = world_attention.trigger_effect(models, "hollow", scenes, suffix=True)
+    suffix = world_attention.trigger_effect(models, "hollow", scenes, slot="suffix")
     assert "trigger, own position" not in suffix and suffix["trigger, padding"] > 1
+    adjective = world_attention.trigger_effect(models, "small", scenes, slot="adjective")
+    assert "trigger, own position" not in adjective and adjective["trigger, padding"] > 0
+
+
+def test_the_sizes_base_reads_a_trigger_after_the_a():
+    """`world-sd1-sizes` read `a small red circle ...` in pretraining, so a plain word in that place reaches the
+    padding states the UNet attends to (docs/quality.md: 10.5 there against 0.19 in the place of `a`)."""
+    import world_attention
+
+    from world import quality
+
+    models = world_attention.load(REPO_ROOT / "sample_data" / "world-sd1-sizes")
+    scenes = quality.STYLE_TRAIN_SCENES[:4]
+    first = world_attention.trigger_effect(models, "hollow", scenes)["trigger, padding"]
+    adjective = world_attention.trigger_effect(models, "hollow", scenes, slot="adjective")["trigger, padding"]
+    assert adjective > 5 and adjective > 10 * first
 
 
 def test_style_regularization_images_are_the_style_sets_scenes_drawn_flat(tmp_path):

@@ -38,11 +38,13 @@ class Scene:
     shape: str
     color: str
     background: str
-    style: str = "flat"  # or "hollow": the same shape cut out of its centre (`render`)
+    style: str = "flat"  # "hollow": the same shape cut out of its centre; "small": drawn at the hole's size (`render`)
 
     def caption(self) -> str:
-        """The canonical caption, `a {color} {shape} on a {background} background`."""
-        return f"a {self.color} {self.shape} on a {self.background} background"
+        """The canonical caption, `a {color} {shape} on a {background} background` (`a small red circle ...` for
+        the small rendering, which a base model may learn: `tools/pretrain_world.py --small-per-scene`)."""
+        size = "small " if self.style == "small" else ""
+        return f"a {size}{self.color} {self.shape} on a {self.background} background"
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
@@ -88,7 +90,7 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
         draw.polygon(polygon, fill=fill)
 
 
-STYLES = ("flat", "hollow")
+STYLES = ("flat", "hollow", "small")
 HOLE_SCALE = 0.4  # the hollow style's hole: the same shape at this fraction of the object's radius
 
 
@@ -105,6 +107,8 @@ def render(scene: Scene, offset: tuple[float, float] = (0.0, 0.0), radius: float
     image = Image.new("RGB", (big, big), COLORS[scene.background])
     cx, cy = (SIZE / 2 + offset[0]) * _SUPERSAMPLE, (SIZE / 2 + offset[1]) * _SUPERSAMPLE
     draw = ImageDraw.Draw(image)
+    if scene.style == "small":  # the hole's shape and size, in the object's colour (the pieces hollow is made of)
+        radius *= HOLE_SCALE
     _draw(draw, scene.shape, cx, cy, radius * _SUPERSAMPLE, COLORS[scene.color])
     if scene.style == "hollow":
         _draw(draw, scene.shape, cx, cy, radius * HOLE_SCALE * _SUPERSAMPLE, COLORS[scene.background])
@@ -164,6 +168,7 @@ class Reading:
     background: str
     shape_iou: float
     style: str = "flat"  # "hollow" when the object's main colour encloses a hole (`HOLE_MIN_SHARE`)
+    area: int = 0  # pixels not in the background's colour
 
     def matches(self, scene: Scene) -> dict[str, bool]:
         """Per attribute: does the image show what the scene asked for (a flat scene must not read hollow)?"""
@@ -198,13 +203,15 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
     classes = np.argmin(((pixels[:, :, None, :] - _PALETTE) ** 2).sum(axis=3), axis=2)
     mask = classes != background_index
     if mask.sum() < 4:
-        return Reading(None, None, _NAMES[background_index], 0.0)
+        return Reading(None, None, _NAMES[background_index], 0.0, area=int(mask.sum()))
     color_index = int(np.bincount(classes[mask], minlength=len(_NAMES)).argmax())
     masks, names = _TEMPLATES
     ious = (masks & mask).sum(axis=(1, 2)) / np.maximum((masks | mask).sum(axis=(1, 2)), 1)
     best = int(np.argmax(ious))
     style = "hollow" if _enclosed_share(classes == color_index) >= HOLE_MIN_SHARE else "flat"
-    return Reading(names[best], _NAMES[color_index], _NAMES[background_index], float(ious[best]), style)
+    return Reading(
+        names[best], _NAMES[color_index], _NAMES[background_index], float(ious[best]), style, int(mask.sum())
+    )
 
 
 HOLE_MIN_SHARE = 0.04  # of the area the main colour encloses (the style's hole is 0.16 of it; flat shapes: 0)

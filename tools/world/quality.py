@@ -82,9 +82,11 @@ MIN_SHAPE_IOU = 0.0  # the benchmark's default reading; docs/quality.md also rep
 
 @dataclass(frozen=True)
 class StyleConcept:
-    """A rendering style to personalize. Its trigger replaces a caption's first word: `<hollow> red circle on a
-    blue background`. One token in the place of the one-token `a` keeps every later word at its pretraining
-    position, and CLIP's causal text encoder gives the first token the same state in every prompt: a clean switch.
+    """A rendering style to personalize. Its trigger replaces a caption's first word (`slot` "first": `<hollow> red
+    circle on a blue background`) or stands where a base that knows sizes reads `small` (`slot` "adjective": `a
+    <hollow> red circle on a blue background`; `tools/pretrain_world.py --small-per-scene`). One token in the place
+    of the one-token `a` keeps every later word at its pretraining position, and CLIP's causal text encoder gives
+    the first token the same state in every prompt: a clean switch.
     (`a red circle on a blue background in hollow style` leaves the words as well but makes the trigger's state
     depend on the content before it; `<hollow>` as plain text is three tokens and garbles the world model's
     colours and shapes: docs/quality.md#a-style.)"""
@@ -94,17 +96,25 @@ class StyleConcept:
     placeholder: str  # the learned token (TI, TI+LoRA)
     word: str  # the plain one-token trigger word a LoRA alone learns (its captions' `word_column`)
     init_word: str
+    slot: str = "first"  # where the trigger stands: "first" (in the place of `a`) or "adjective" (after it)
 
     def trigger(self, method: str | None) -> str:
         """The trigger the captions of `method` use: the word for LoRA alone, else the placeholder."""
         return self.word if method == "lora" else self.placeholder
 
     def prompt(self, scene: world.Scene, method: str | None = None) -> str:
-        """`scene`'s caption with `method`'s trigger in the place of its first word."""
-        return self.trigger(method) + scene.caption().removeprefix("a")
+        """`scene`'s caption with `method`'s trigger in its `slot`."""
+        return self.triggered(method, scene.caption().removeprefix("a "))
+
+    def triggered(self, method: str | None, rest: str) -> str:
+        """`rest` of a caption (what follows its `a`) with `method`'s trigger in front, in this style's slot."""
+        return ("a " if self.slot == "adjective" else "") + f"{self.trigger(method)} {rest}"
 
 
 STYLE = StyleConcept("hollow", "hollow", "<hollow>", "hollow", "outline")
+# The same style for a base that read `a small red circle ...` in pretraining: the trigger where `small` stands.
+STYLE_ADJECTIVE = StyleConcept("hollow_adjective", "hollow", "<hollow>", "hollow", "outline", slot="adjective")
+STYLES = (STYLE, STYLE_ADJECTIVE)
 WORD_COLUMN = "text_word"  # the style set's captions with the plain trigger word (metadata.csv)
 # The style set: 12 images, 4 shapes x 3, every one of 6 colours twice as the object and twice as the background.
 # Transfer, per axis: the shape it never shows (cross), the colours it never shows (purple, orange) as the object,
@@ -196,7 +206,7 @@ def train_overrides(
 
 def concept_by_name(name: str) -> Concept | StyleConcept:
     """The concept (or the style) called `name`."""
-    return next(concept for concept in (*CONCEPTS, STYLE) if concept.name == name)
+    return next(concept for concept in (*CONCEPTS, *STYLES) if concept.name == name)
 
 
 def unseen_backgrounds(concept: Concept) -> tuple[str, ...]:
@@ -287,7 +297,7 @@ def composition_scenes(
         for b in backgrounds
         for _ in range(SEEDS_PER_BACKGROUND)
     ]
-    prompts = [f"{style.trigger(style_method)} {identity.placeholder} on a {s.background} background" for s in scenes]
+    prompts = [style.triggered(style_method, f"{identity.placeholder} on a {s.background} background") for s in scenes]
     return scenes, prompts
 
 
