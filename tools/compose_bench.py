@@ -96,7 +96,9 @@ def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--style", type=Path, required=True, help="the style LoRA (.safetensors)")
     parser.add_argument("--style-embedding", type=Path, help="the style's embedding, for a TI+LoRA style")
     parser.add_argument(
-        "--style-concept", default="hollow", help="which world style it draws (hollow_adjective: trigger after `a`)"
+        "--style-concept",
+        default="hollow",
+        help="which world style it draws (hollow_adjective: trigger after `a`; hollow_suffix: after the caption)",
     )
     parser.add_argument("--weights", default="0.5,0.75,1.0", help="LoRA weights to sweep")
     parser.add_argument("--per-background", type=int, default=quality.SEEDS_PER_BACKGROUND)

@@ -6,9 +6,11 @@
 - `red_star`: a shape the base model never saw (outside its span: LoRA territory, TI's negative control).
 - `purple_triangle`: a shape and colour it knows, as one new word (inside its span: TI can learn it).
 - `hollow`: a rendering style it never saw (the shape cut out of its centre), 12 images over 4 shapes and 6
-  colours (`world.quality.STYLE_TRAIN_SCENES`), captioned `<hollow> red circle on a yellow background` (and with
+  colours (`StyleConcept.train_scenes`), captioned `<hollow> red circle on a yellow background` (and with
   the plain word `hollow` for a LoRA alone); `hollow_adjective`: the same images captioned `a <hollow> red circle
-  on a yellow background`, for a base that knows `a small red circle ...` (`pretrain_world.py --small-per-scene`).
+  on a yellow background`, for a base that knows `a small red circle ...` (`pretrain_world.py --small-per-scene`);
+  `hollow_suffix`: the same images, the trigger after the caption; `hollow_adjective_square`: the adjective
+  captions over a style set that holds out the square instead of the cross (`world.quality.style_sets`).
 Captions name the concept with a one-token placeholder, `a <star> on a blue background`. Training backgrounds are
 `world.quality.TRAIN_BACKGROUNDS`; the others are kept for measuring editability.
 """
@@ -42,13 +44,13 @@ def write_concept(concept: quality.Concept, per_background: int = 2, seed: int =
 
 
 def write_style(style: quality.StyleConcept = quality.STYLE, seed: int = 0) -> Path:
-    """Renders the style set (`quality.STYLE_TRAIN_SCENES`, jittered), captioned `<hollow> red circle on a yellow
+    """Renders the style set (`style.train_scenes`, jittered), captioned `<hollow> red circle on a yellow
     background` (column `text`, for TI and TI+LoRA) and `hollow red circle on a yellow background` (the plain
     trigger word a LoRA alone learns, column `quality.WORD_COLUMN`)."""
     folder = ROOT / style.name
     folder.mkdir(parents=True, exist_ok=True)
     rng, rows = random.Random(seed), []
-    for scene in quality.STYLE_TRAIN_SCENES:
+    for scene in style.train_scenes:
         file_name = f"{style.name}_{scene.color}_{scene.shape}_{scene.background}.png"
         world.render_jittered(scene, rng).save(folder / file_name)
         rows.append(

@@ -393,7 +393,7 @@ right.
 """
 
 
-def _arguments() -> argparse.Namespace:
+def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("sample_data/world-sd1"))
     parser.add_argument("--family", choices=ARCHITECTURES, default="sd1", help="the architecture to train")
@@ -421,7 +421,10 @@ def _arguments() -> argparse.Namespace:
         "--vae-from", type=Path, help="reuse the VAE of an earlier run's output folder (skips stage 2)"
     )
     parser.add_argument("--vae-only", action="store_true", help="train and save the VAE (OUT/vae), then stop")
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.small_per_scene < 0:
+        parser.error(f"--small-per-scene: {args.small_per_scene} is negative; give 0 (off) or a count such as 8")
+    return args
 
 
 def main() -> None:

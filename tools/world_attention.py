@@ -3,6 +3,7 @@
     python tools/world_attention.py ["hollow red circle on a yellow background" ...]
     python tools/world_attention.py --trigger hollow     # how much a trigger word changes what the UNet reads
     python tools/world_attention.py --trigger "<hollow>" --embedding hollow.safetensors   # a learned token's
+    python tools/world_attention.py --trigger hollow --slot adjective --content   # does the base still read the rest?
 
 Averaged over every cross-attention layer, head and pixel, and three noise draws at timesteps 200, 500 and 800;
 the caption's tokens are listed one by one, the padding after its end (the causal text encoder's states of the
@@ -20,6 +21,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
+import world
 from world import quality
 
 DEFAULT_PROMPTS = (
@@ -92,6 +94,27 @@ def _states(models: tuple, prompt: str) -> torch.Tensor:
         return encoder(ids)[0][0]
 
 
+def with_trigger(caption: str, trigger: str, slot: str) -> str:
+    """`caption` (`a red circle on ...`) with `trigger` in the place of its `a` (`slot` "first"), after it
+    ("adjective") or after the caption ("suffix")."""
+    return {
+        "first": trigger + caption.removeprefix("a"),
+        "adjective": f"a {trigger}" + caption.removeprefix("a"),
+        "suffix": f"{caption} {trigger}",
+    }[slot]
+
+
+def content_kept(pipe, trigger: str | None, slot: str, scenes) -> dict[str, float]:
+    """Fractions of images the base draws with the shape, colour and background of `scenes` (drawn flat; the style
+    is not asked for) when `trigger` stands in `slot` of their captions (None: the captions alone): whether the
+    text encoder still reads the content words beside the trigger."""
+    flat = [world.Scene(scene.shape, scene.color, scene.background) for scene in scenes]
+    prompts = [scene.caption() if trigger is None else with_trigger(scene.caption(), trigger, slot) for scene in flat]
+    images = quality.generate(pipe, prompts)
+    readings = [world.read_image(image).matches(scene) for image, scene in zip(images, flat, strict=True)]
+    return {key: sum(r[key] for r in readings) / len(readings) for key in ("shape", "color", "background")}
+
+
 def trigger_effect(models: tuple, trigger: str, scenes, slot: str = "first") -> dict[str, float]:
     """How far `trigger` in the place of a caption's first word `a` (`slot` "first"; "adjective": after the `a`,
     where a base that knows sizes reads `small`; "suffix": after the caption) moves the text encoder's output,
@@ -110,11 +133,7 @@ def trigger_effect(models: tuple, trigger: str, scenes, slot: str = "first") -> 
     own, trigger_padding, content_padding = [], [], []
     for scene, other in zip(scenes, [*scenes[1:], scenes[0]], strict=True):
         caption = scene.caption()
-        triggered = {
-            "first": trigger + caption.removeprefix("a"),
-            "adjective": f"a {trigger}" + caption.removeprefix("a"),
-            "suffix": f"{caption} {trigger}",
-        }[slot]
+        triggered = with_trigger(caption, trigger, slot)
         if slot == "first":
             own.append(float((_states(models, triggered)[1] - _states(models, caption)[1]).norm()))
         trigger_padding.append(distance(padding(triggered), padding(caption)))
@@ -137,8 +156,20 @@ def main() -> None:
         help="with --trigger: where it goes (in the place of `a`, after it, after the caption)",
     )
     parser.add_argument("--embedding", type=Path, help="with --trigger: the learned embedding of that token")
+    parser.add_argument(
+        "--content",
+        action="store_true",
+        help="with --trigger: also draw the style set's and transfer scenes flat with and without it, and report "
+        "how often the base still draws their shape, colour and background",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.trigger and args.content:
+        pipe = quality.base_pipeline(args.base)
+        scenes = quality.STYLE_TRAIN_SCENES + quality.STYLE_TRANSFER_SCENES
+        for trigger in (None, args.trigger):
+            kept = content_kept(pipe, trigger, args.slot, scenes)
+            print(f"{trigger or '(no trigger)'}: " + ", ".join(f"{key} {value:.2f}" for key, value in kept.items()))
     models = load(args.base)
     if args.embedding:
         add_embedding(models, args.trigger, args.embedding)

@@ -6,7 +6,9 @@ scenes and reports how much survives (docs/quality.md#the-style-and-why-this-one
 A style a method should learn has to survive the VAE first: the UNet only ever produces latents, and a rendering
 that the decoder cannot draw from any latent cannot come out of any training. For each rendering: the mean absolute
 error per channel (0-255) and the fraction of pixels whose nearest colour (the world's palette, plus the pastel
-palette for `pastel`) is the same after the round trip as before it. `flat` is the world itself.
+palette for `pastel`) is the same after the round trip as before it. `flat` is the world itself; `small` the
+shape at the hollow style's hole size (what `sample_data/world-sd1-sizes` learned to draw). Then, per shape, how
+many hollow renders the metric still reads fully right after the round trip (the ceiling of any style row).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import world
 
 FRAME, OUTLINE, GROUND_ROWS, SHADE_FROM_ROW, PASTEL = 4, 3.0, 10, 17, 0.5
 ACCENT = "black"  # the second colour of the frame, outline, ground and shade renderings
-RENDERINGS = ("flat", "hollow", "pastel", "frame", "outline", "ground", "shade")
+RENDERINGS = ("flat", "hollow", "small", "pastel", "frame", "outline", "ground", "shade")
 
 
 def _alpha(shape: str, radius: float) -> np.ndarray:
@@ -36,8 +38,8 @@ def render(scene: world.Scene, rendering: str) -> np.ndarray:
     """`scene` (centred, radius 10) drawn in `rendering` (`RENDERINGS`), float RGB 0-255."""
     color, background = (np.array(world.COLORS[name], np.float32) for name in (scene.color, scene.background))
     accent = np.array(world.COLORS[ACCENT], np.float32)
-    if rendering == "hollow":
-        return np.asarray(world.render(world.Scene(scene.shape, scene.color, scene.background, "hollow")), np.float32)
+    if rendering in ("hollow", "small"):  # the world's own renderings (`world.STYLES`)
+        return np.asarray(world.render(world.Scene(scene.shape, scene.color, scene.background, rendering)), np.float32)
     if rendering == "outline":  # an accent band OUTLINE px wide around a shape of the usual overall size
         inner, outer = _alpha(scene.shape, 10 - OUTLINE / 2), _alpha(scene.shape, 10 + OUTLINE / 2)
         return background * (1 - outer) + accent * (outer - inner) + color * inner
@@ -92,6 +94,18 @@ def check(vae: AutoencoderKL, rendering: str) -> dict[str, float]:
     }
 
 
+def read_back_by_shape(vae: AutoencoderKL, style: str = "hollow") -> dict[str, float]:
+    """Per shape, the fraction of the world's scenes drawn in `style` (a `world.STYLES` entry) that the metric reads
+    fully right (shape, colours and style) after the VAE's round trip: the most any training can score on them."""
+    scenes = [world.Scene(s.shape, s.color, s.background, style) for s in world.all_scenes()]
+    after = round_trip(vae, np.stack([np.asarray(world.render(scene), np.float32) for scene in scenes]))
+    right: dict[str, list[bool]] = {}
+    for scene, image in zip(scenes, after, strict=True):
+        reading = world.read_image(np.clip(image, 0, 255).astype(np.uint8))
+        right.setdefault(scene.shape, []).append(all(reading.matches(scene).values()))
+    return {shape: sum(values) / len(values) for shape, values in right.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=Path, default=Path("sample_data/world-sd1"))
@@ -103,6 +117,9 @@ def main() -> None:
         result = check(vae, rendering)
         error, kept = result["mean_abs_error"], result["pixels_same_colour"]
         print(f"| {rendering} | {result['images']} | {error:.1f} | {kept:.3f} |")
+    by_shape = read_back_by_shape(vae)
+    print("\n| hollow, read back fully right | " + " | ".join(by_shape) + " |\n|---|" + "---|" * len(by_shape))
+    print("| after the round trip | " + " | ".join(f"{value:.2f}" for value in by_shape.values()) + " |")
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def test_compose_bench_refuses_bad_arguments_and_tabulates_rows(capsys, tmp_path
     assert "none.safetensors is not a file" in message
     assert "--weights: '0.5,x' is not a comma-separated list of numbers" in message
     assert "--identity-concept: blue_moon unknown; choose from red_star, purple_triangle" in message
-    assert "--style-concept: fuzzy unknown; choose from hollow, hollow_adjective" in message
+    assert "--style-concept: fuzzy unknown; choose from hollow, hollow_adjective, hollow_suffix" in message
     rows = [
         {"route": "sdtune AdapterPipeline", "identity_weight": 1.0, "style_weight": 1.0, "both": 0.75,
          "identity": 1.0, "style": 0.75},

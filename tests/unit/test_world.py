@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from PIL import Image
 
 import world
 
@@ -147,21 +148,24 @@ def test_unknown_style_is_refused_by_name():
         world.render(world.Scene("circle", "red", "blue", "striped"))
 
 
-def test_style_set_covers_six_colours_and_transfer_leaves_one_axis_out_at_a_time():
-    """Transfer = what the style set never shows, per axis (docs/quality.md#a-style)."""
+@pytest.mark.parametrize("new_shape", ["cross", "square"])
+def test_style_set_covers_six_colours_and_transfer_leaves_one_axis_out_at_a_time(new_shape):
+    """Transfer = what the style set never shows, per axis (docs/quality.md#a-style), whichever shape is held out."""
     from world import quality
 
-    train = quality.STYLE_TRAIN_SCENES
+    train, transfer = quality.style_sets(new_shape)
     shapes, colors, backgrounds = ({getattr(s, a) for s in train} for a in ("shape", "color", "background"))
-    assert len(train) == 12 and len(set(train)) == 12
-    assert colors == backgrounds and len(colors) == 6 and "cross" not in shapes
+    assert len(train) == 12 and len(set(train)) == 12 and len(shapes) == 4
+    assert colors == backgrounds and len(colors) == 6 and new_shape not in shapes
     assert all(sum(s.color == c for s in train) == 2 == sum(s.background == c for s in train) for c in colors)
-    new = {axis: [world.Scene(*t) for t in triples] for axis, triples in quality.STYLE_TRANSFER.items()}
+    new = {axis: [world.Scene(*t) for t in triples] for axis, triples in transfer.items()}
+    assert {s.shape for s in new["new shape"] + new["all new"]} == {new_shape}
     assert all(s.shape not in shapes and s.color in colors and s.background in backgrounds for s in new["new shape"])
     assert all(s.shape in shapes and s.color not in colors and s.background in backgrounds for s in new["new colour"])
     assert all(s.shape in shapes and s.color in colors and s.background not in colors for s in new["new background"])
     assert all(s.shape not in shapes and s.color not in colors and s.background not in colors for s in new["all new"])
-    assert len(quality.STYLE_TRANSFER_SCENES) == 14
+    assert sum(map(len, transfer.values())) == 14
+    assert quality.style_sets("cross") == (quality.STYLE_TRAIN_SCENES, quality.STYLE_TRANSFER)  # the first design
 
 
 def test_style_trigger_takes_the_place_of_the_first_word():
@@ -202,6 +206,48 @@ def test_adjective_trigger_stands_where_a_size_word_would():
     identity = quality.concept_by_name("purple_triangle")
     assert quality.composition_scenes(identity, style)[1][0] == "a hollow <ptri> on a red background"
     assert quality.composition_scenes(identity, style, "ti+lora")[1][0] == "a <hollow> <ptri> on a red background"
+
+
+def test_suffix_trigger_follows_the_whole_caption():
+    """`hollow_suffix`: the trigger after the caption, so that the causal text encoder reads every content word as
+    it learned it (docs/quality.md), in the prompts, the style set's captions and the composition prompts."""
+    from world import quality
+
+    style = quality.concept_by_name("hollow_suffix")
+    scene = world.Scene("circle", "red", "yellow", "hollow")
+    assert style.prompt(scene, "ti+lora") == "a red circle on a yellow background <hollow>"
+    assert style.prompt(scene, "lora") == "a red circle on a yellow background hollow"
+    rows = (REPO_ROOT / "sample_data" / "world" / "hollow_suffix" / "metadata.csv").read_text("utf-8").splitlines()
+    first = quality.STYLE_TRAIN_SCENES[0]
+    assert rows[1].split(",")[1:] == [style.prompt(first), style.prompt(first, "lora")] and len(rows) == 13
+    identity = quality.concept_by_name("purple_triangle")
+    assert quality.composition_scenes(identity, style)[1][0] == "a <ptri> on a red background hollow"
+
+
+def test_every_shipped_style_set_is_its_scenes_captioned_in_its_slot():
+    """sample_data/world/<style>: one image per style-set scene, drawn in the style (read back so by the metric),
+    captioned with the placeholder (`text`) and the plain word (`text_word`) in the style's slot."""
+    import csv
+
+    from world import quality
+
+    for style in quality.STYLES:
+        folder = REPO_ROOT / "sample_data" / "world" / style.name
+        with (folder / "metadata.csv").open(encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        assert len(rows) == len(style.train_scenes) == 12
+        for row, scene in zip(rows, style.train_scenes, strict=True):
+            assert (row["text"], row[quality.WORD_COLUMN]) == (style.prompt(scene), style.prompt(scene, "lora"))
+            assert all(world.read_image(Image.open(folder / row["file_name"]).convert("RGB")).matches(scene).values())
+
+
+def test_pretrain_world_refuses_a_negative_small_count_by_name(capsys):
+    import pretrain_world
+
+    with pytest.raises(SystemExit):
+        pretrain_world._arguments(["--small-per-scene", "-2"])
+    assert "--small-per-scene: -2 is negative; give 0 (off) or a count such as 8" in capsys.readouterr().err
+    assert pretrain_world._arguments(["--small-per-scene", "8"]).small_per_scene == 8
 
 
 def test_small_rendering_is_the_hollow_styles_hole_in_the_objects_colour():
@@ -264,8 +310,27 @@ def test_vae_check_renderings_draw_what_they_name():
     assert np.allclose(ground[30, 1], black) and np.allclose(ground[1, 1], blue) and np.allclose(ground[16, 16], red)
     shade = check.render(scene, "shade")
     assert np.allclose(shade[12, 16], red, atol=1) and np.allclose(shade[20, 16], black, atol=1)
-    hollow = np.asarray(world.render(world.Scene(scene.shape, scene.color, scene.background, "hollow")), np.float32)
-    assert np.array_equal(check.render(scene, "hollow"), hollow)
+    for style in ("hollow", "small"):  # the world's own renderings
+        drawn = np.asarray(world.render(world.Scene(scene.shape, scene.color, scene.background, style)), np.float32)
+        assert np.array_equal(check.render(scene, style), drawn)
+
+
+def test_vae_check_reads_hollow_renders_back_per_shape():
+    """With a VAE that returns its input, every hollow render reads back right; the real one loses some crosses."""
+    import world_vae_check as check
+    from diffusers import AutoencoderKL
+
+    class Identity:
+        def encode(self, pixels):
+            return type("Out", (), {"latent_dist": type("Dist", (), {"mean": pixels})()})()
+
+        def decode(self, latents):
+            return type("Out", (), {"sample": latents})()
+
+    assert check.read_back_by_shape(Identity()) == dict.fromkeys(world.PRETRAIN_SHAPES, 1.0)
+    vae = AutoencoderKL.from_pretrained(REPO_ROOT / "sample_data" / "world-sd1-sizes", subfolder="vae").eval()
+    by_shape = check.read_back_by_shape(vae)
+    assert by_shape["circle"] == by_shape["square"] == 1.0 and by_shape["cross"] < 0.8
 
 
 def test_vae_check_leaves_out_scenes_in_the_accent_colour():
@@ -311,6 +376,26 @@ def test_the_sizes_base_reads_a_trigger_after_the_a():
     first = world_attention.trigger_effect(models, "hollow", scenes)["trigger, padding"]
     adjective = world_attention.trigger_effect(models, "hollow", scenes, slot="adjective")["trigger, padding"]
     assert adjective > 5 and adjective > 10 * first
+
+
+def test_an_unknown_word_after_the_a_garbles_the_colour_words_after_it():
+    """Why the adjective trigger's LoRA does not transfer to new colours (docs/quality.md): on `world-sd1-sizes` a
+    word the text encoder never learned (`hollow`) where it read `small` breaks the colour words after it, while
+    `small` there and the same word after the caption leave them as they were."""
+    import world_attention
+
+    from world import quality
+
+    assert world_attention.with_trigger("a red circle on a blue background", "hollow", "adjective") == (
+        "a hollow red circle on a blue background"
+    )
+    pipe = quality.base_pipeline(REPO_ROOT / "sample_data" / "world-sd1-sizes")
+    scenes = quality.STYLE_TRAIN_SCENES
+    plain = world_attention.content_kept(pipe, None, "adjective", scenes)
+    assert plain == {"shape": 1.0, "color": 1.0, "background": 1.0}
+    assert world_attention.content_kept(pipe, "hollow", "adjective", scenes)["color"] < 0.6
+    assert world_attention.content_kept(pipe, "hollow", "suffix", scenes)["color"] == 1.0
+    assert world_attention.content_kept(pipe, "small", "adjective", scenes)["color"] > 0.9
 
 
 def test_style_regularization_images_are_the_style_sets_scenes_drawn_flat(tmp_path):

@@ -80,6 +80,38 @@ SEEDS_PER_BACKGROUND = 4
 MIN_SHAPE_IOU = 0.0  # the benchmark's default reading; docs/quality.md also reports 0.4 (scribbles rejected)
 
 
+# The style set: 12 images, 4 shapes x 3, every one of 6 colours twice as the object and twice as the background.
+# Transfer, per axis: the shape it never shows (a style's `new_shape`), the colours it never shows (purple, orange)
+# as the object, as the background, and all of them at once.
+_STYLE_PAIRS = (
+    (("red", "yellow"), ("blue", "green"), ("white", "black")),
+    (("yellow", "blue"), ("green", "white"), ("black", "red")),
+    (("red", "green"), ("blue", "black"), ("white", "yellow")),
+    (("yellow", "red"), ("green", "blue"), ("black", "white")),
+)
+
+
+def style_sets(new_shape: str) -> tuple[tuple[world.Scene, ...], dict[str, tuple[tuple[str, str, str], ...]]]:
+    """(style set scenes, transfer (shape, colour, background) triples per axis) for a style set drawn over the
+    world's other four shapes, `new_shape` held out."""
+    shapes = [shape for shape in world.PRETRAIN_SHAPES if shape != new_shape]
+    train = tuple(
+        world.Scene(shape, color, background, "hollow")
+        for shape, pairs in zip(shapes, _STYLE_PAIRS, strict=True)
+        for color, background in pairs
+    )
+    new_pairs = (("red", "blue"), ("white", "green"), ("yellow", "black"), ("blue", "red"))
+    new_colours, their_backgrounds = ("purple", "orange", "purple", "orange"), ("yellow", "green", "white", "black")
+    old_colours, new_backgrounds = ("blue", "white", "yellow", "red"), ("purple", "orange", "purple", "orange")
+    transfer = {
+        "new shape": tuple((new_shape, color, background) for color, background in new_pairs),
+        "new colour": tuple(zip(shapes, new_colours, their_backgrounds, strict=True)),
+        "new background": tuple(zip(shapes, old_colours, new_backgrounds, strict=True)),
+        "all new": ((new_shape, "purple", "orange"), (new_shape, "orange", "purple")),
+    }
+    return train, transfer
+
+
 @dataclass(frozen=True)
 class StyleConcept:
     """A rendering style to personalize. Its trigger replaces a caption's first word (`slot` "first": `<hollow> red
@@ -96,7 +128,23 @@ class StyleConcept:
     placeholder: str  # the learned token (TI, TI+LoRA)
     word: str  # the plain one-token trigger word a LoRA alone learns (its captions' `word_column`)
     init_word: str
-    slot: str = "first"  # where the trigger stands: "first" (in the place of `a`) or "adjective" (after it)
+    slot: str = "first"  # where the trigger stands: "first" (in the place of `a`), "adjective" (after it), "suffix"
+    new_shape: str = "cross"  # the shape the style set leaves out, for transfer (`style_sets`)
+
+    @property
+    def train_scenes(self) -> tuple[world.Scene, ...]:
+        """The style set's scenes (`style_sets`)."""
+        return style_sets(self.new_shape)[0]
+
+    @property
+    def transfer(self) -> dict[str, tuple[tuple[str, str, str], ...]]:
+        """Transfer (shape, colour, background) triples per axis (`style_sets`)."""
+        return style_sets(self.new_shape)[1]
+
+    @property
+    def transfer_scenes(self) -> tuple[world.Scene, ...]:
+        """Every transfer scene, axis by axis, in the style."""
+        return tuple(world.Scene(*triple, self.style) for triples in self.transfer.values() for triple in triples)
 
     def trigger(self, method: str | None) -> str:
         """The trigger the captions of `method` use: the word for LoRA alone, else the placeholder."""
@@ -107,45 +155,26 @@ class StyleConcept:
         return self.triggered(method, scene.caption().removeprefix("a "))
 
     def triggered(self, method: str | None, rest: str) -> str:
-        """`rest` of a caption (what follows its `a`) with `method`'s trigger in front, in this style's slot."""
+        """`rest` of a caption (what follows its `a`) with `method`'s trigger in this style's slot."""
+        if self.slot == "suffix":
+            return f"a {rest} {self.trigger(method)}"
         return ("a " if self.slot == "adjective" else "") + f"{self.trigger(method)} {rest}"
 
 
 STYLE = StyleConcept("hollow", "hollow", "<hollow>", "hollow", "outline")
 # The same style for a base that read `a small red circle ...` in pretraining: the trigger where `small` stands.
 STYLE_ADJECTIVE = StyleConcept("hollow_adjective", "hollow", "<hollow>", "hollow", "outline", slot="adjective")
-STYLES = (STYLE, STYLE_ADJECTIVE)
+# The trigger after the caption: the causal text encoder reads every content word as without it (docs/quality.md).
+STYLE_SUFFIX = StyleConcept("hollow_suffix", "hollow", "<hollow>", "hollow", "outline", slot="suffix")
+# The adjective style with the square held out instead of the cross, whose hollow band (1.9 px) the world's VAE
+# draws poorly (docs/quality.md#a-style).
+STYLE_ADJECTIVE_SQUARE = StyleConcept(
+    "hollow_adjective_square", "hollow", "<hollow>", "hollow", "outline", slot="adjective", new_shape="square"
+)
+STYLES = (STYLE, STYLE_ADJECTIVE, STYLE_SUFFIX, STYLE_ADJECTIVE_SQUARE)
 WORD_COLUMN = "text_word"  # the style set's captions with the plain trigger word (metadata.csv)
-# The style set: 12 images, 4 shapes x 3, every one of 6 colours twice as the object and twice as the background.
-# Transfer, per axis: the shape it never shows (cross), the colours it never shows (purple, orange) as the object,
-# as the background, and all of them at once.
-STYLE_TRAIN_SCENES = tuple(
-    world.Scene(shape, color, background, "hollow")
-    for shape, pairs in (
-        ("circle", (("red", "yellow"), ("blue", "green"), ("white", "black"))),
-        ("square", (("yellow", "blue"), ("green", "white"), ("black", "red"))),
-        ("triangle", (("red", "green"), ("blue", "black"), ("white", "yellow"))),
-        ("diamond", (("yellow", "red"), ("green", "blue"), ("black", "white"))),
-    )
-    for color, background in pairs
-)
-STYLE_TRANSFER = {
-    "new shape": (
-        ("cross", "red", "blue"), ("cross", "white", "green"), ("cross", "yellow", "black"), ("cross", "blue", "red"),
-    ),
-    "new colour": (
-        ("circle", "purple", "yellow"), ("square", "orange", "green"), ("triangle", "purple", "white"),
-        ("diamond", "orange", "black"),
-    ),
-    "new background": (
-        ("circle", "blue", "purple"), ("square", "white", "orange"), ("triangle", "yellow", "purple"),
-        ("diamond", "red", "orange"),
-    ),
-    "all new": (("cross", "purple", "orange"), ("cross", "orange", "purple")),
-}  # fmt: skip
-STYLE_TRANSFER_SCENES = tuple(
-    world.Scene(*triple, "hollow") for triples in STYLE_TRANSFER.values() for triple in triples
-)
+STYLE_TRAIN_SCENES, STYLE_TRANSFER = style_sets(STYLE.new_shape)  # the first style's sets
+STYLE_TRANSFER_SCENES = STYLE.transfer_scenes
 
 
 def base_pipeline(base: Path):
@@ -241,8 +270,8 @@ def measure(
     shapes, colours and backgrounds the style set never shows (shape, colour, background and style all right),
     prompted with the trigger `method` trained."""
     if isinstance(concept, StyleConcept):
-        fidelity_scenes, fidelity_prompts = style_scenes(concept, STYLE_TRAIN_SCENES, method)
-        edit_scenes, edit_prompts = style_scenes(concept, STYLE_TRANSFER_SCENES, method)
+        fidelity_scenes, fidelity_prompts = style_scenes(concept, concept.train_scenes, method)
+        edit_scenes, edit_prompts = style_scenes(concept, concept.transfer_scenes, method)
     else:
         fidelity_scenes, fidelity_prompts = concept_scenes(concept, TRAIN_BACKGROUNDS[concept.name])
         edit_scenes, edit_prompts = concept_scenes(concept, unseen_backgrounds(concept))
@@ -259,10 +288,10 @@ def measure(
 
 def editability_by_background(images: list[Image.Image], concept: Concept | StyleConcept) -> dict[str, float]:
     """Fraction fully right per unseen background, from `measure`'s images (training backgrounds first); for a
-    style, per transfer axis (`STYLE_TRANSFER`: new shape, new colour, new background, all new)."""
+    style, per transfer axis (`StyleConcept.transfer`: new shape, new colour, new background, all new)."""
     if isinstance(concept, StyleConcept):
-        start, result = SEEDS_PER_BACKGROUND * len(STYLE_TRAIN_SCENES), {}
-        for axis, triples in STYLE_TRANSFER.items():
+        start, result = SEEDS_PER_BACKGROUND * len(concept.train_scenes), {}
+        for axis, triples in concept.transfer.items():
             scenes = [world.Scene(*triple, "hollow") for triple in triples for _ in range(SEEDS_PER_BACKGROUND)]
             result[axis] = world.score(images[start : start + len(scenes)], scenes, MIN_SHAPE_IOU)["all"]
             start += len(scenes)
