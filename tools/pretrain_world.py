@@ -3,6 +3,8 @@ the SDXL one (two text encoders, pooled embedding, time ids).
 
     python tools/pretrain_world.py --out sample_data/world-sd1
     python tools/pretrain_world.py --family sdxl --out sample_data/world-sdxl --vae-from sample_data/world-sd1
+    python tools/pretrain_world.py --init-from sample_data/world-sd1-sizes --vae-from sample_data/world-sd1-sizes \
+        --small-per-scene 8 --filler-fraction 0.1 --steps 1500 --eval-every 500 --out sample_data/world-sd1-words
 
 Deterministic for the same arguments and thread count. Stages:
 1. Render 16 jittered images of every held-in scene (5 shapes x 8 colours x 7 backgrounds, minus the 10% of triples
@@ -122,19 +124,45 @@ def train_vae(pixels: torch.Tensor, steps: int, seed: int):
     return vae
 
 
-def caption_for(scene: world.Scene, rng: random.Random) -> str:
+# Words a filler never is (`--filler-fraction`): the world's own words and the triggers the benchmarks use, so that
+# `a hollow red circle ...` on a filler-trained base measures a word the base never saw.
+FILLER_HELD_OUT = frozenset(
+    {*world.COLORS, *world.ALL_SHAPES, "background", "small", "hollow", "sks", "ohwx", "big", "ring", "outlined"}
+)
+
+
+UNKNOWN_WORD = "hollow"  # the style benchmark's trigger (`hollow_adjective`), held out of the fillers
+
+
+def filler_words(tokenizer) -> list[str]:
+    """Whole English-looking words of the CLIP vocabulary that are one token each (`red</w>` -> `red`), sorted,
+    without `FILLER_HELD_OUT`: about 30,000 words."""
+    words = (token[: -len("</w>")] for token in tokenizer.get_vocab() if token.endswith("</w>"))
+    return sorted(w for w in words if len(w) >= 3 and w.isascii() and w.isalpha() and w not in FILLER_HELD_OUT)
+
+
+def caption_for(
+    scene: world.Scene, rng: random.Random, fillers: list[str] | None = None, filler_fraction: float = 0.0
+) -> str:
     """10% empty (for classifier-free guidance), 15% without the colour word, the rest the canonical caption.
 
     The colour-less form `a circle on a blue background` has exactly the shape of a personalization caption with a
     one-token placeholder (`a <star> on a blue background`), so such a caption reads right before any training. A
     first run with six varied wordings learned shapes but not which colour word is the object's and which the
     background's within 3,000 steps (13% fully correct).
+
+    With `filler_fraction`, that fraction of the canonical captions of flat scenes carries a random word of
+    `fillers` where the size word goes (`a quiet red circle on a blue background`, drawn flat): a real CLIP encoder
+    reads any word without losing the others, the world's learns that only from such captions (docs/quality.md,
+    "What the trigger does to the words after it").
     """
     draw = rng.random()
     if draw < 0.10:
         return ""
     template = NO_COLOR_TEMPLATE if draw < 0.25 else CAPTION_TEMPLATE
     size = "small " if scene.style == "small" else ""
+    if filler_fraction and template is CAPTION_TEMPLATE and not size and rng.random() < filler_fraction:
+        size = rng.choice(fillers) + " "
     return template.format(size=size, color=scene.color, shape=scene.shape, background=scene.background)
 
 
@@ -165,6 +193,12 @@ class DenoiserRun:
             self.text_encoders[spec.component] = model_class(transformers.CLIPTextConfig(**config))
             self.tokenizers[spec.tokenizer] = models.build_clip_tokenizer(spec.pad_token)
         self.unet = UNet2DConditionModel.from_config(unet_config)
+        if args.init_from:  # continued pretraining: the same architecture, started from a saved base's weights
+            self.unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.init_from / "unet").state_dict())
+            for name, encoder in self.text_encoders.items():
+                saved = getattr(transformers, type(encoder).__name__).from_pretrained(args.init_from / name)
+                encoder.load_state_dict(saved.state_dict())
+        self.fillers = filler_words(next(iter(self.tokenizers.values()))) if args.filler_fraction else None
         self.scheduler = DDPMScheduler.from_config(models.preset_configs(preset)["scheduler"])
         self.params = list(self.unet.parameters())
         self.params += [p for encoder in self.text_encoders.values() for p in encoder.parameters()]
@@ -208,7 +242,9 @@ class DenoiserRun:
             )
             latents, noise = sampled * self.vae_scale, self.noise(sampled.shape)
             timesteps = self.timesteps(args.batch)
-            captions = [caption_for(self.labels[i], self.rng) for i in index.tolist()]
+            captions = [
+                caption_for(self.labels[i], self.rng, self.fillers, args.filler_fraction) for i in index.tolist()
+            ]
             states, extra = self.conditioning(captions)
             noisy = self.scheduler.add_noise(latents, noise, timesteps)
             prediction = self.unet(noisy, timesteps, states, **extra).sample
@@ -276,10 +312,12 @@ def train_denoiser(run: DenoiserRun, vae, held_in, unseen, scheduler_config: dic
         text_encoders, unet = run.ema_models()
         components = {**run.tokenizers, **text_encoders, "unet": unet, "vae": vae}
         pipe = quality.world_pipeline(run.family, components, scheduler_config)
-        scores = evaluate_model(pipe, held_in, unseen, run.args.seed, small=run.args.small_per_scene > 0)
-        rank = scores["held_in"]["all"] + scores["unseen"]["all"]
+        small, filler = run.args.small_per_scene > 0, run.args.filler_fraction > 0
+        scores = evaluate_model(pipe, held_in, unseen, run.args.seed, small=small, filler=filler)
+        rank = scores["held_in"]["all"] + scores["unseen"]["all"] + scores.get("unknown_word", {}).get("all", 0.0)
+        extra = f", {UNKNOWN_WORD!r} after 'a' {scores['unknown_word']['all']:.3f}" if filler else ""
         print(
-            f"step {run.step}: held-in {scores['held_in']['all']:.3f}, unseen {scores['unseen']['all']:.3f}",
+            f"step {run.step}: held-in {scores['held_in']['all']:.3f}, unseen {scores['unseen']['all']:.3f}{extra}",
             flush=True,
         )
         if best is None or rank > best[0]:
@@ -288,10 +326,11 @@ def train_denoiser(run: DenoiserRun, vae, held_in, unseen, scheduler_config: dic
 
 
 def evaluate_model(
-    pipe, held_in: list[world.Scene], unseen: list[world.Scene], seed: int, small: bool = False
+    pipe, held_in: list[world.Scene], unseen: list[world.Scene], seed: int, small: bool = False, filler: bool = False
 ) -> dict:
     """Held-in, unseen-combination and colour-less ("a star on a blue background") prompt scores; with `small`, also
-    `small_score` of 48 held-in scenes prompted small."""
+    `small_score` of 48 held-in scenes prompted small; with `filler`, the same 48 scenes prompted with the never-seen
+    word `UNKNOWN_WORD` where the size word goes (`unknown_word`: does the base still draw what the words say?)."""
     sample = random.Random(seed).sample(held_in, 96)
     short = [world.Scene(s.shape, s.color, s.background) for s in sample[:48]]
     short_prompts = [f"a {s.shape} on a {s.background} background" for s in short]
@@ -304,6 +343,10 @@ def evaluate_model(
     if small:
         scenes = [world.Scene(s.shape, s.color, s.background, "small") for s in sample[48:]]
         scores["small"] = small_score(quality.generate(pipe, [s.caption() for s in scenes], seed=seed + 2000), scenes)
+    if filler:
+        scenes = sample[48:]
+        prompts = [f"a {UNKNOWN_WORD} {s.color} {s.shape} on a {s.background} background" for s in scenes]
+        scores["unknown_word"] = quality.evaluate(pipe, scenes, prompts, seed=seed + 3000)
     return scores
 
 
@@ -341,6 +384,12 @@ def _score_table(scores: dict) -> str:
             f"| 'a small red circle on a blue background' (48; shape column: drawn small) | {small['all']:.3f} | "
             f"{small['small']:.3f} | {small['color']:.3f} | {small['background']:.3f} |"
         )
+    if "unknown_word" in scores:
+        row = scores["unknown_word"]
+        lines.append(
+            f"| '{UNKNOWN_WORD}' where the size word goes, 'a {UNKNOWN_WORD} red circle ...' (48; drawn flat) | "
+            f"{row['all']:.3f} | {row['shape']:.3f} | {row['color']:.3f} | {row['background']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -366,6 +415,17 @@ def model_card(args, scores: dict, seconds: float) -> str:
         if small
         else ""
     )
+    fraction, init_from = getattr(args, "filler_fraction", 0.0), getattr(args, "init_from", None)
+    vae_note += f" --filler-fraction {fraction}" if fraction else ""
+    vae_note += f" --init-from {init_from}" if init_from else ""
+    if fraction:
+        small_note += (
+            f" {fraction:.0%} of the flat scenes' full captions carried a random word of the CLIP vocabulary where"
+            f" the size word goes (`a quiet red circle ...`, drawn flat; never {UNKNOWN_WORD!r}, `sks` or the world's"
+            " own words), so that an unknown word there leaves the colour words readable."
+        )
+    if init_from:
+        small_note += f" Training started from the weights of `{init_from}` (continued pretraining)."
     family = models.PRESETS[ARCHITECTURES[args.family][0]][0]
     return f"""# {args.out.name}: a small {family.title}-architecture model of a synthetic world
 
@@ -415,6 +475,17 @@ def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
         help="also render every held-in scene this many times small (`a small red circle ...`, the hollow style's "
         "hole size): a base that knows the pieces a style is made of (docs/quality.md#a-style)",
     )
+    parser.add_argument(
+        "--filler-fraction",
+        type=float,
+        default=0.0,
+        help="put a random vocabulary word where the size word goes in this fraction of the flat scenes' full "
+        "captions (`a quiet red circle ...`, drawn flat), so that the text encoder learns to read an unknown word "
+        "without garbling the colour words after it (caption_for)",
+    )
+    parser.add_argument(
+        "--init-from", type=Path, help="start the UNet and text encoder(s) from this saved base (continued training)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="1 was faster and steadier than 2 on a 2-core machine")
     parser.add_argument(
@@ -424,6 +495,10 @@ def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.small_per_scene < 0:
         parser.error(f"--small-per-scene: {args.small_per_scene} is negative; give 0 (off) or a count such as 8")
+    if not 0.0 <= args.filler_fraction < 1.0:
+        parser.error(f"--filler-fraction: {args.filler_fraction} is outside [0, 1); give e.g. 0.3, or 0 for none")
+    if args.init_from and not (args.init_from / "unet").is_dir():
+        parser.error(f"--init-from: {args.init_from} has no unet/ folder; give a base saved by this script")
     return args
 
 

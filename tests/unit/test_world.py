@@ -250,6 +250,52 @@ def test_pretrain_world_refuses_a_negative_small_count_by_name(capsys):
     assert pretrain_world._arguments(["--small-per-scene", "8"]).small_per_scene == 8
 
 
+def test_pretrain_world_refuses_a_bad_filler_fraction_and_a_folder_without_a_unet(capsys, tmp_path):
+    import pretrain_world
+
+    for value in ("1.0", "-0.1"):
+        with pytest.raises(SystemExit):
+            pretrain_world._arguments(["--filler-fraction", value])
+        assert f"--filler-fraction: {float(value)} is outside [0, 1); give e.g. 0.3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pretrain_world._arguments(["--init-from", str(tmp_path)])
+    assert f"--init-from: {tmp_path} has no unet/ folder" in capsys.readouterr().err
+    assert pretrain_world._arguments(["--filler-fraction", "0.3"]).filler_fraction == 0.3
+
+
+def test_filler_captions_put_one_unknown_token_where_the_size_word_goes():
+    """`--filler-fraction`: the filler is one CLIP token, never a word the benchmarks use as a trigger or one of the
+    world's own, only in full captions of flat scenes, at the asked rate; without it the captions (and so every
+    shipped base's training stream) are unchanged."""
+    import pretrain_world
+
+    from sdtune import models
+
+    tokenizer = models.build_clip_tokenizer("<|endoftext|>")
+    fillers = pretrain_world.filler_words(tokenizer)
+    assert len(fillers) > 20_000 and not set(fillers) & pretrain_world.FILLER_HELD_OUT
+    assert {"hollow", "sks", "red", "circle", "small"} <= pretrain_world.FILLER_HELD_OUT
+    sample = random.Random(0).sample(fillers, 200)
+    assert all(len(tokenizer(word, add_special_tokens=False).input_ids) == 1 for word in sample)
+    scene, small = world.Scene("circle", "red", "blue"), world.Scene("circle", "red", "blue", "small")
+    rng = random.Random(0)
+    captions = [pretrain_world.caption_for(scene, rng, fillers, 0.3) for _ in range(4000)]
+    full = [c.split() for c in captions if c.endswith("red circle on a blue background")]
+    with_filler = [words for words in full if len(words) == 8]
+    assert all(words[0] == "a" and words[1] in fillers for words in with_filler)
+    assert len(full) - len(with_filler) == sum(c == "a red circle on a blue background" for c in captions)
+    assert 0.25 < len(with_filler) / len(full) < 0.35  # of the full captions (75% of all)
+    assert {pretrain_world.caption_for(small, rng, fillers, 0.9) for _ in range(300)} == {
+        "",
+        "a small circle on a blue background",
+        "a small red circle on a blue background",
+    }
+    plain, seeded = random.Random(5), random.Random(5)
+    assert [pretrain_world.caption_for(scene, plain) for _ in range(50)] == [
+        pretrain_world.caption_for(scene, seeded, fillers, 0.0) for _ in range(50)
+    ]
+
+
 def test_small_rendering_is_the_hollow_styles_hole_in_the_objects_colour():
     """The pieces the hollow style is made of: `small` draws the same shape at the hole's size, and a base trained
     on both renderings sees `a small ...` captions for it (pretrain_world.caption_for)."""
@@ -396,6 +442,22 @@ def test_an_unknown_word_after_the_a_garbles_the_colour_words_after_it():
     assert world_attention.content_kept(pipe, "hollow", "adjective", scenes)["color"] < 0.6
     assert world_attention.content_kept(pipe, "hollow", "suffix", scenes)["color"] == 1.0
     assert world_attention.content_kept(pipe, "small", "adjective", scenes)["color"] > 0.9
+
+
+def test_a_base_that_saw_filler_words_reads_an_unknown_word_without_garbling():
+    """`world-sd1-words` (`pretrain_world.py --filler-fraction`) saw random words where `small` goes: the trigger it
+    never saw (`hollow`) leaves every content word readable and still reaches the padding states, a third of a
+    change of content (docs/quality.md, "A base that reads any word")."""
+    import world_attention
+
+    from world import quality
+
+    base = REPO_ROOT / "sample_data" / "world-sd1-words"
+    scenes = quality.STYLE_TRAIN_SCENES
+    kept = world_attention.content_kept(quality.base_pipeline(base), "hollow", "adjective", scenes)
+    assert kept == {"shape": 1.0, "color": 1.0, "background": 1.0}
+    effect = world_attention.trigger_effect(world_attention.load(base), "hollow", scenes[:4], slot="adjective")
+    assert effect["trigger, padding"] > 0.2 * effect["content change, padding"]
 
 
 def test_style_regularization_images_are_the_style_sets_scenes_drawn_flat(tmp_path):
