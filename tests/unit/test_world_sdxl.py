@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
@@ -16,7 +14,7 @@ from sdtune import families, inference, models
 def xl_run():
     import pretrain_world
 
-    args = argparse.Namespace(family="sdxl", seed=0, lr=1e-3)
+    args = pretrain_world._arguments(["--family", "sdxl", "--lr", "1e-3"])  # every option at its default
     return pretrain_world.DenoiserRun((torch.zeros(1, 4, 16, 16), torch.ones(1, 4, 16, 16)), [], 1.0, args)
 
 
