@@ -5,9 +5,10 @@
 
 Draws `a <ptri> on a <background> background in <hollow> style` on every background and reports the fraction of
 images with the identity right (shape, colour, background), in the style, and both; stacked through sdtune's
-`AdapterPipeline` and through diffusers' own loaders (`load_textual_inversion`, `load_lora_weights` +
-`set_adapters`), then with the style LoRA's weight swept (and, with `--identity-lora` for a TI+LoRA identity, that
-LoRA's weight too; `--style-embedding` adds a TI+LoRA style's embedding, whose learned token then triggers it).
+`AdapterPipeline` (the style LoRA at `--sdtune-weight`, 1 by default) and through diffusers' own loaders
+(`load_textual_inversion`, `load_lora_weights` + `set_adapters`), then with the style LoRA's weight swept (and, with
+`--identity-lora` for a TI+LoRA identity, that LoRA's weight too; `--style-embedding` adds a TI+LoRA style's
+embedding, whose learned token then triggers it).
 Works on either world model (`--base sample_data/world-sdxl`: `StableDiffusionXLPipeline`, the embedding loaded
 into both encoders). Writes `compose.json`, `compose.md` and a grid per route.
 """
@@ -41,10 +42,11 @@ def diffusers_pipeline(args, style_weight: float, identity_weight: float):
 
 
 def sdtune_images(args, prompts: list[str]) -> list:
-    """The same stack through sdtune's `AdapterPipeline` (compatibility gates included), at weight 1."""
+    """The same stack through sdtune's `AdapterPipeline` (compatibility gates included), the style LoRA at
+    `--sdtune-weight`."""
     pipe = AdapterPipeline.from_base(args.base)
     pipe.add_embedding(args.identity, token=args.identity_concept.placeholder)
-    pipe.add_lora(args.style, name="style")
+    pipe.add_lora(args.style, name="style", weight=args.sdtune_weight)
     if args.style_embedding:
         pipe.add_embedding(args.style_embedding, token=args.style_concept.placeholder)
     if args.identity_lora:
@@ -59,13 +61,13 @@ def rows(args) -> list[dict]:
     scenes, prompts = quality.composition_scenes(args.identity_concept, args.style_concept, method)
     images = sdtune_images(args, prompts)
     quality.save_grid(images, args.out / "compose-sdtune.png", columns=8)
-    result = [{"route": "sdtune AdapterPipeline", "style_weight": 1.0, "identity_weight": 1.0}]
+    result = [{"route": "sdtune AdapterPipeline", "style_weight": args.sdtune_weight, "identity_weight": 1.0}]
     result[0].update(quality.composition_scores(images, scenes))
     identity_weights = args.weights if args.identity_lora else [1.0]
     for identity_weight in identity_weights:
         for style_weight in [0.0, *args.weights]:
             images = quality.generate(diffusers_pipeline(args, style_weight, identity_weight), prompts)
-            if style_weight == 1.0 and identity_weight == 1.0:
+            if style_weight == args.sdtune_weight and identity_weight == 1.0:  # the same stack as compose-sdtune
                 quality.save_grid(images, args.out / "compose-diffusers.png", columns=8)
             row = {"route": "diffusers loaders", "style_weight": style_weight, "identity_weight": identity_weight}
             result.append({**row, **quality.composition_scores(images, scenes)})
@@ -101,6 +103,9 @@ def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
         help="which world style it draws (hollow_adjective: trigger after `a`; hollow_suffix: after the caption)",
     )
     parser.add_argument("--weights", default="0.5,0.75,1.0", help="LoRA weights to sweep")
+    parser.add_argument(
+        "--sdtune-weight", type=float, default=1.0, help="the style LoRA's weight on the AdapterPipeline route"
+    )
     parser.add_argument("--per-background", type=int, default=quality.SEEDS_PER_BACKGROUND)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "quality" / "composition")
     args = parser.parse_args(argv)

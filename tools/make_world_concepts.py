@@ -10,7 +10,9 @@
   the plain word `hollow` for a LoRA alone); `hollow_adjective`: the same images captioned `a <hollow> red circle
   on a yellow background`, for a base that knows `a small red circle ...` (`pretrain_world.py --small-per-scene`);
   `hollow_suffix`: the same images, the trigger after the caption; `hollow_adjective_square`: the adjective
-  captions over a style set that holds out the square instead of the cross (`world.quality.style_sets`).
+  captions over a style set that holds out the square instead of the cross (`world.quality.style_sets`);
+  `hollow_adjective_no_cross`: the square held out and the cross in neither set (12 images over circle, triangle
+  and diamond: the shapes the world's VAE draws hollow besides the square, `tools/world_vae_check.py`).
 Captions name the concept with a one-token placeholder, `a <star> on a blue background`. Training backgrounds are
 `world.quality.TRAIN_BACKGROUNDS`; the others are kept for measuring editability.
 """

@@ -196,7 +196,7 @@ class DenoiserRun:
         if args.init_from:  # continued pretraining: the same architecture, started from a saved base's weights
             self.unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.init_from / "unet").state_dict())
             for name, encoder in self.text_encoders.items():
-                saved = getattr(transformers, type(encoder).__name__).from_pretrained(args.init_from / name)
+                saved = type(encoder).from_pretrained(args.init_from / name)
                 encoder.load_state_dict(saved.state_dict())
         self.fillers = filler_words(next(iter(self.tokenizers.values()))) if args.filler_fraction else None
         self.scheduler = DDPMScheduler.from_config(models.preset_configs(preset)["scheduler"])
@@ -499,7 +499,27 @@ def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--filler-fraction: {args.filler_fraction} is outside [0, 1); give e.g. 0.3, or 0 for none")
     if args.init_from and not (args.init_from / "unet").is_dir():
         parser.error(f"--init-from: {args.init_from} has no unet/ folder; give a base saved by this script")
+    if args.init_from and (mismatch := architecture_mismatch(args.init_from, args.family)):
+        parser.error(
+            f"--init-from: {args.init_from} is not the --family {args.family} architecture ({mismatch}); give a "
+            f"base this script saved with --family {args.family}, or the --family it was saved with"
+        )
     return args
+
+
+def architecture_mismatch(base: Path, family: str) -> str:
+    """How the UNet config saved in `base` differs from `family`'s pretraining architecture (`ARCHITECTURES`), as
+    `key: saved != expected` items; empty when the weights fit."""
+    from diffusers import UNet2DConditionModel
+
+    saved = json.loads((base / "unet" / "config.json").read_text(encoding="utf-8"))
+    # every config entry with diffusers' defaults filled in (the tiny model builds in milliseconds), as JSON lists
+    expected = json.loads(json.dumps(dict(UNet2DConditionModel.from_config(ARCHITECTURES[family][1]).config)))
+    return ", ".join(
+        f"{key}: {saved.get(key)!r} != {value!r}"
+        for key, value in expected.items()
+        if not key.startswith("_") and saved.get(key) != value
+    )
 
 
 def main() -> None:

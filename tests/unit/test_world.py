@@ -148,15 +148,20 @@ def test_unknown_style_is_refused_by_name():
         world.render(world.Scene("circle", "red", "blue", "striped"))
 
 
-@pytest.mark.parametrize("new_shape", ["cross", "square"])
-def test_style_set_covers_six_colours_and_transfer_leaves_one_axis_out_at_a_time(new_shape):
-    """Transfer = what the style set never shows, per axis (docs/quality.md#a-style), whichever shape is held out."""
+@pytest.mark.parametrize(("new_shape", "left_out"), [("cross", ()), ("square", ()), ("square", ("cross",))])
+def test_style_set_covers_six_colours_and_transfer_leaves_one_axis_out_at_a_time(new_shape, left_out):
+    """Transfer = what the style set never shows, per axis (docs/quality.md#a-style), whichever shape is held out;
+    a left-out shape is in neither set and the others share the 12 images evenly."""
     from world import quality
 
-    train, transfer = quality.style_sets(new_shape)
+    train, transfer = quality.style_sets(new_shape, left_out)
     shapes, colors, backgrounds = ({getattr(s, a) for s in train} for a in ("shape", "color", "background"))
-    assert len(train) == 12 and len(set(train)) == 12 and len(shapes) == 4
+    assert len(train) == 12 and len(set(train)) == 12 and len(shapes) == 4 - len(left_out)
+    assert all(sum(s.shape == shape for s in train) == 12 // len(shapes) for shape in shapes)
     assert colors == backgrounds and len(colors) == 6 and new_shape not in shapes
+    every_scene = [*train, *(world.Scene(*t) for triples in transfer.values() for t in triples)]
+    assert not any(s.shape in left_out for s in every_scene)
+    assert all(len(transfer[axis]) == 4 for axis in ("new shape", "new colour", "new background"))
     assert all(sum(s.color == c for s in train) == 2 == sum(s.background == c for s in train) for c in colors)
     new = {axis: [world.Scene(*t) for t in triples] for axis, triples in transfer.items()}
     assert {s.shape for s in new["new shape"] + new["all new"]} == {new_shape}
@@ -261,6 +266,20 @@ def test_pretrain_world_refuses_a_bad_filler_fraction_and_a_folder_without_a_une
         pretrain_world._arguments(["--init-from", str(tmp_path)])
     assert f"--init-from: {tmp_path} has no unet/ folder" in capsys.readouterr().err
     assert pretrain_world._arguments(["--filler-fraction", "0.3"]).filler_fraction == 0.3
+
+
+def test_pretrain_world_refuses_to_continue_from_a_base_of_another_architecture(capsys):
+    """`--init-from` a saved base of the other family is refused by name before any work, with the differing
+    config entries; a base of the same family is taken."""
+    import pretrain_world
+
+    sdxl_base = REPO_ROOT / "sample_data" / "world-sdxl"
+    with pytest.raises(SystemExit):
+        pretrain_world._arguments(["--family", "sd1", "--init-from", str(sdxl_base)])
+    error = capsys.readouterr().err
+    assert f"--init-from: {sdxl_base} is not the --family sd1 architecture (" in error
+    assert "addition_embed_type: 'text_time' != None" in error
+    assert pretrain_world._arguments(["--family", "sdxl", "--init-from", str(sdxl_base)]).init_from == sdxl_base
 
 
 def test_filler_captions_put_one_unknown_token_where_the_size_word_goes():

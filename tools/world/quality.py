@@ -80,33 +80,39 @@ SEEDS_PER_BACKGROUND = 4
 MIN_SHAPE_IOU = 0.0  # the benchmark's default reading; docs/quality.md also reports 0.4 (scribbles rejected)
 
 
-# The style set: 12 images, 4 shapes x 3, every one of 6 colours twice as the object and twice as the background.
+# The style set: 12 images, every one of 6 colours twice as the object and twice as the background, split evenly
+# over the shapes it shows (3 per shape over 4 shapes, 4 per shape over 3).
 # Transfer, per axis: the shape it never shows (a style's `new_shape`), the colours it never shows (purple, orange)
 # as the object, as the background, and all of them at once.
 _STYLE_PAIRS = (
-    (("red", "yellow"), ("blue", "green"), ("white", "black")),
-    (("yellow", "blue"), ("green", "white"), ("black", "red")),
-    (("red", "green"), ("blue", "black"), ("white", "yellow")),
-    (("yellow", "red"), ("green", "blue"), ("black", "white")),
-)
+    ("red", "yellow"), ("blue", "green"), ("white", "black"),
+    ("yellow", "blue"), ("green", "white"), ("black", "red"),
+    ("red", "green"), ("blue", "black"), ("white", "yellow"),
+    ("yellow", "red"), ("green", "blue"), ("black", "white"),
+)  # fmt: skip
 
 
-def style_sets(new_shape: str) -> tuple[tuple[world.Scene, ...], dict[str, tuple[tuple[str, str, str], ...]]]:
+def style_sets(
+    new_shape: str, left_out: tuple[str, ...] = ()
+) -> tuple[tuple[world.Scene, ...], dict[str, tuple[tuple[str, str, str], ...]]]:
     """(style set scenes, transfer (shape, colour, background) triples per axis) for a style set drawn over the
-    world's other four shapes, `new_shape` held out."""
-    shapes = [shape for shape in world.PRETRAIN_SHAPES if shape != new_shape]
+    world's other shapes: `new_shape` held out for transfer, `left_out` shapes (ones the world's VAE cannot draw in
+    the style) in neither set."""
+    shapes = [shape for shape in world.PRETRAIN_SHAPES if shape != new_shape and shape not in left_out]
+    per_shape = len(_STYLE_PAIRS) // len(shapes)
     train = tuple(
         world.Scene(shape, color, background, "hollow")
-        for shape, pairs in zip(shapes, _STYLE_PAIRS, strict=True)
-        for color, background in pairs
+        for index, shape in enumerate(shapes)
+        for color, background in _STYLE_PAIRS[index * per_shape : (index + 1) * per_shape]
     )
+    axis_shapes = [shapes[index % len(shapes)] for index in range(4)]  # four scenes per axis, the shapes in turn
     new_pairs = (("red", "blue"), ("white", "green"), ("yellow", "black"), ("blue", "red"))
     new_colours, their_backgrounds = ("purple", "orange", "purple", "orange"), ("yellow", "green", "white", "black")
     old_colours, new_backgrounds = ("blue", "white", "yellow", "red"), ("purple", "orange", "purple", "orange")
     transfer = {
         "new shape": tuple((new_shape, color, background) for color, background in new_pairs),
-        "new colour": tuple(zip(shapes, new_colours, their_backgrounds, strict=True)),
-        "new background": tuple(zip(shapes, old_colours, new_backgrounds, strict=True)),
+        "new colour": tuple(zip(axis_shapes, new_colours, their_backgrounds, strict=True)),
+        "new background": tuple(zip(axis_shapes, old_colours, new_backgrounds, strict=True)),
         "all new": ((new_shape, "purple", "orange"), (new_shape, "orange", "purple")),
     }
     return train, transfer
@@ -130,16 +136,17 @@ class StyleConcept:
     init_word: str
     slot: str = "first"  # where the trigger stands: "first" (in the place of `a`), "adjective" (after it), "suffix"
     new_shape: str = "cross"  # the shape the style set leaves out, for transfer (`style_sets`)
+    left_out: tuple[str, ...] = ()  # shapes in neither the style set nor transfer (`style_sets`)
 
     @property
     def train_scenes(self) -> tuple[world.Scene, ...]:
         """The style set's scenes (`style_sets`)."""
-        return style_sets(self.new_shape)[0]
+        return style_sets(self.new_shape, self.left_out)[0]
 
     @property
     def transfer(self) -> dict[str, tuple[tuple[str, str, str], ...]]:
         """Transfer (shape, colour, background) triples per axis (`style_sets`)."""
-        return style_sets(self.new_shape)[1]
+        return style_sets(self.new_shape, self.left_out)[1]
 
     @property
     def transfer_scenes(self) -> tuple[world.Scene, ...]:
@@ -171,7 +178,19 @@ STYLE_SUFFIX = StyleConcept("hollow_suffix", "hollow", "<hollow>", "hollow", "ou
 STYLE_ADJECTIVE_SQUARE = StyleConcept(
     "hollow_adjective_square", "hollow", "<hollow>", "hollow", "outline", slot="adjective", new_shape="square"
 )
-STYLES = (STYLE, STYLE_ADJECTIVE, STYLE_SUFFIX, STYLE_ADJECTIVE_SQUARE)
+# The adjective style over the four shapes the world's VAE draws hollow (`tools/world_vae_check.py`: circle 1.00,
+# square 1.00, diamond 0.96, triangle 0.82, cross 0.66): the cross in neither set, the square held out.
+STYLE_ADJECTIVE_NO_CROSS = StyleConcept(
+    "hollow_adjective_no_cross",
+    "hollow",
+    "<hollow>",
+    "hollow",
+    "outline",
+    slot="adjective",
+    new_shape="square",
+    left_out=("cross",),
+)
+STYLES = (STYLE, STYLE_ADJECTIVE, STYLE_SUFFIX, STYLE_ADJECTIVE_SQUARE, STYLE_ADJECTIVE_NO_CROSS)
 WORD_COLUMN = "text_word"  # the style set's captions with the plain trigger word (metadata.csv)
 STYLE_TRAIN_SCENES, STYLE_TRANSFER = style_sets(STYLE.new_shape)  # the first style's sets
 STYLE_TRANSFER_SCENES = STYLE.transfer_scenes
