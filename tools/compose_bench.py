@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from sdtune.inference import AdapterPipeline
@@ -115,10 +116,17 @@ def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("identity_lora", "style_embedding"):
         if getattr(args, name) and not getattr(args, name).is_file():
             problems.append(f"--{name.replace('_', '-')}: {getattr(args, name)} is not a file")
+    raw_weights = args.weights
     try:
-        args.weights = [float(w) for w in args.weights.split(",")]
+        args.weights = [float(w) for w in raw_weights.split(",")]
+        if not all(math.isfinite(w) for w in args.weights):
+            raise ValueError
     except ValueError:
-        problems.append(f"--weights: {args.weights!r} is not a comma-separated list of numbers (e.g. 0.5,0.75,1.0)")
+        problems.append(
+            f"--weights: {raw_weights!r} is not a comma-separated list of finite numbers (e.g. 0.5,0.75,1.0)"
+        )
+    if not math.isfinite(args.sdtune_weight):
+        problems.append(f"--sdtune-weight: {args.sdtune_weight} is not a finite number; give e.g. 0.75")
     names = [c.name for c in quality.CONCEPTS]
     if args.identity_concept not in names:
         problems.append(f"--identity-concept: {args.identity_concept} unknown; choose from {', '.join(names)}")

@@ -142,12 +142,17 @@ def test_compose_bench_refuses_bad_arguments_and_tabulates_rows(capsys, tmp_path
     message = capsys.readouterr().err
     assert "--identity: " in message and "no.safetensors is not a file" in message
     assert "none.safetensors is not a file" in message
-    assert "--weights: '0.5,x' is not a comma-separated list of numbers" in message
+    assert "--weights: '0.5,x' is not a comma-separated list of finite numbers" in message
     assert "--identity-concept: blue_moon unknown; choose from red_star, purple_triangle" in message
     assert "--style-concept: fuzzy unknown; choose from hollow, hollow_adjective, hollow_suffix" in message
     for name in ("no.safetensors", "none.safetensors"):
         (tmp_path / name).write_bytes(b"")
     assert bench._arguments(argv).sdtune_weight == 1.0  # the AdapterPipeline route's style weight, unless asked
+    with pytest.raises(SystemExit):
+        bench._arguments([*argv, "--sdtune-weight", "nan", "--weights", "0.5,inf"])
+    message = capsys.readouterr().err
+    assert "--sdtune-weight: nan is not a finite number; give e.g. 0.75" in message
+    assert "--weights: '0.5,inf' is not a comma-separated list of finite numbers" in message
     parsed = bench._arguments([*argv, "--sdtune-weight", "0.75", "--style-concept", "hollow_adjective_no_cross"])
     assert parsed.sdtune_weight == 0.75 and parsed.style_concept.left_out == ("cross",)
     rows = [
